@@ -1,0 +1,3 @@
+from stream_ml.cli import main
+
+raise SystemExit(main())

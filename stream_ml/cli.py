@@ -1,0 +1,48 @@
+"""`stream-ml`: the one command of the system; each station adds its subcommands here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from stream_ml import __version__, config
+from stream_ml.events import cli as events_cli
+from stream_ml.stack import cli as stack_cli
+
+# Errors that are the user's to fix: printed as one line that says what to do, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    config.ConfigError,
+    ConnectionError,
+    FileNotFoundError,
+    LookupError,
+    RuntimeError,
+    TimeoutError,
+    ValueError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-ml",
+        description="Streaming-first, real-time fraud scoring: Kafka events, Redis features, "
+        "a micro-batched PyTorch scorer, and labels fed back for learning and drift.",
+    )
+    parser.add_argument("--version", action="version", version=f"stream-ml {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stack_cli.register(commands)
+    events_cli.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = config.from_arguments(args)
+        return int(args.run(args, settings) or 0)
+    except KeyboardInterrupt:
+        print("stream-ml: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"stream-ml: error: {exc}", file=sys.stderr)
+        return 2
