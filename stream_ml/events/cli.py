@@ -154,11 +154,7 @@ def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
 def _until(
     stream: SyntheticStream, end_ms: int, max_events: int | None, drain: bool
 ) -> Iterator[Transaction | Label]:
-    def due(item: Transaction | Label) -> bool:
-        t = item.event_time if type(item) is Transaction else item.label_time
-        return t < end_ms
-
-    items: Iterator[Transaction | Label] = itertools.takewhile(due, stream)
+    items = stream.items(until_ms=end_ms)
     if drain:
         items = itertools.chain(items, stream.pending_labels())
     return itertools.islice(items, max_events) if max_events is not None else items

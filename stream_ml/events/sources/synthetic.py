@@ -242,23 +242,34 @@ class SyntheticStream:
         self._legit_rate = config.rate / (1.0 + (_SHARE_CARD + _SHARE_MERCHANT) * per_legit)
 
     def __iter__(self) -> Iterator[Transaction | Label]:
+        return self.items()
+
+    def items(self, until_ms: int | None = None) -> Iterator[Transaction | Label]:
+        """The stream, stopping before the first item due at or after ``until_ms``."""
         heap = self._heap
+        end = until_ms if until_ms is not None else 1 << 62
         for tx, fraud, delay_ms in self._legitimate():
             while heap and heap[0][0] <= tx.event_time:
+                if heap[0][0] >= end:
+                    return
                 _, _, item, item_fraud, item_delay = heapq.heappop(heap)
                 if isinstance(item, Transaction):
                     self._label_later(item, item_fraud, item_delay)
                 yield item
+            if tx.event_time >= end:
+                return
             self._label_later(tx, fraud, delay_ms)
             yield tx
 
     def pending_labels(self) -> Iterator[Label]:
-        """Labels (and their campaigns' payments) still scheduled, in time order."""
+        """The labels of the transactions already yielded that are not due yet, in time order.
+
+        Campaign payments scheduled after the stop are dropped: they never happened, so they
+        get no label.
+        """
         while self._heap:
-            _, _, item, fraud, delay = heapq.heappop(self._heap)
-            if isinstance(item, Transaction):
-                self._label_later(item, fraud, delay)
-            else:
+            item = heapq.heappop(self._heap)[2]
+            if isinstance(item, Label):
                 yield item
 
     # -- legitimate traffic ---------------------------------------------------------------
