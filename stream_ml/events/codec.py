@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 MIN_TIME_MS = 100_000_000_000
 MAX_TIME_MS = 100_000_000_000_000
 _JSON_START = frozenset(b"{ \t\r\n")
+MAX_NUMBER = 1e300
 
 Scalar = str | int | float | bool | None
 
@@ -108,9 +109,12 @@ def req_number(d: Mapping[str, Any], name: str) -> float:
     if value is None:
         raise _missing(name)
     kind = type(value)
-    if (kind is not float and kind is not int) or not math.isfinite(value):
-        raise InvalidMessage(f"field {name}: expected number, got {_got(value)}")
-    return float(value)
+    if kind is float:
+        if math.isfinite(value):
+            return value
+    elif kind is int and -MAX_NUMBER < value < MAX_NUMBER:  # a JSON integer has no size limit
+        return float(value)
+    raise InvalidMessage(f"field {name}: expected number, got {_got(value)}")
 
 
 def req_bool(d: Mapping[str, Any], name: str) -> bool:

@@ -3,7 +3,8 @@
 Columns are mapped to the transaction's fields (``mapping``: field → column; a field with the same
 name as a column needs no mapping), constants fill fields the file lacks (``defaults``), other
 columns ride along as extra fields. A label column, when named, yields a label per row
-``label_delay_s`` after the payment. Rows that fail validation are reported, not published.
+``label_delay_s`` after the payment (an empty cell: no label, the outcome is unknown). Rows that
+fail validation are reported, not published.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import heapq
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ from stream_ml.events.transaction import KNOWN_FIELDS, Transaction, validate_tra
 
 FORMATS = ("csv", "jsonl", "parquet")
 _TRUE = frozenset({"1", "true", "yes", "y", "t", "fraud"})
-_FALSE = frozenset({"0", "false", "no", "n", "f", "legit", "genuine", ""})
+_FALSE = frozenset({"0", "false", "no", "n", "f", "legit", "genuine"})
 
 
 @dataclass(slots=True)
@@ -103,8 +105,10 @@ def load(
             if label_column:
                 if label_column not in row:
                     raise InvalidMessage(f"label column {label_column!r} is missing")
-                fraud = _as_bool(row[label_column], label_column)
-                label = Label(tx.event_id, fraud, tx.event_time + delay_ms, label_source)
+                outcome = row[label_column]
+                if outcome is not None and outcome != "":  # an empty cell: outcome unknown, no label
+                    fraud = _as_bool(outcome, label_column)
+                    label = Label(tx.event_id, fraud, tx.event_time + delay_ms, label_source)
         except InvalidMessage as exc:
             out.rejected.append((n, str(exc)))
             continue
@@ -180,6 +184,8 @@ def parse_time_ms(value: Any, name: str) -> Any:
                     f"field {name}: expected epoch seconds, epoch milliseconds or an "
                     f"ISO 8601 time, got {value!r}"
                 ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidMessage(f"field {name}: expected a time, got {value!r}")
     if isinstance(value, int | float):
         return int(value if value >= MIN_TIME_MS else value * 1000)
     return value

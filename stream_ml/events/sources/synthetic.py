@@ -102,6 +102,7 @@ SHIFT_KINDS = {
     "foreign": "send a FACTOR share (0-1) of payments to merchants in another country",
 }
 FAVOURITES = 12
+FAVOURITES_AT_HOME = 9
 _HOUR_MS = 3_600_000
 _DAY_MS = 24 * _HOUR_MS
 _CHUNK = 4096
@@ -180,17 +181,21 @@ class _World:
         self.c_spend = rng.lognormal(0.0, 0.45, cfg.cards).tolist()
         self.c_contactless = rng.beta(2, 3, cfg.cards).tolist()
         self.c_devices = (1 + (rng.random(cfg.cards) < 0.35)).tolist()
-        # Favourites: mostly shops at home, plus whatever online merchants are popular.
+        # Favourites: mostly shops (and ATMs) at home, plus a few popular online merchants.
         pop = self.m_popularity / self.m_popularity.sum()
+        online = np.array(self.online)
         fav = np.empty((cfg.cards, FAVOURITES), dtype=np.int64)
-        for country, members in by_country.items():
-            cards = np.flatnonzero(np.array(self.c_home) == country)
-            local = np.array(members + self.online)
-            p = pop[local] / pop[local].sum()
-            fav[cards] = rng.choice(local, (len(cards), FAVOURITES), p=p)
-        for country in set(range(len(COUNTRIES))) - set(by_country):
-            cards = np.flatnonzero(np.array(self.c_home) == country)
-            fav[cards] = rng.choice(cfg.merchants, (len(cards), FAVOURITES), p=pop)
+        fav[:, FAVOURITES_AT_HOME:] = rng.choice(
+            online, (cfg.cards, FAVOURITES - FAVOURITES_AT_HOME), p=pop[online] / pop[online].sum()
+        )
+        homes = np.array(self.c_home)
+        for country in range(len(COUNTRIES)):
+            cards = np.flatnonzero(homes == country)
+            shops = np.array([m for m in by_country.get(country, []) if self.m_kind[m] != "online"])
+            if len(shops) == 0:  # a tiny world: no shop in that country, so shop anywhere
+                shops = np.array([m for m in range(cfg.merchants) if self.m_kind[m] != "online"])
+            p = pop[shops] / pop[shops].sum()
+            fav[cards, :FAVOURITES_AT_HOME] = rng.choice(shops, (len(cards), FAVOURITES_AT_HOME), p=p)
         self.c_favourites = fav
         self.card_p = self.c_activity / self.c_activity.sum()
         self.merchant_p = pop
