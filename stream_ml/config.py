@@ -57,6 +57,7 @@ class Settings:
     topic_predictions: str = _setting("predictions", help="Topic of served predictions.")
     topic_drift: str = _setting("drift", help="Topic of drift reports.")
     topic_dead_letter: str = _setting("dead-letter", help="Topic of rejected messages, with the reason.")
+    feature_set: str = _setting("fraud", help="Name of the feature set the workers and the scorer use.")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

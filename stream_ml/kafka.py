@@ -92,12 +92,14 @@ class BatchPublisher:
         value: bytes,
         timestamp_ms: int | None,
         headers: Headers = _NO_HEADERS,
+        partition: int | None = None,
     ) -> bool:
         """Append a record without awaiting; True when full batches wait for :meth:`send_full`.
 
-        The hot path of a producer loop: no coroutine per record.
+        The hot path of a producer loop: no coroutine per record. ``partition`` overrides the key's.
         """
-        partition = self._partition_of(topic, key)
+        if partition is None:
+            partition = self.partition_of(topic, key)
         slot = (topic, partition)
         batch = self._open.get(slot)
         if batch is None:
@@ -136,7 +138,8 @@ class BatchPublisher:
         while len(self._in_flight) > self._max_in_flight:
             await self._in_flight.popleft()  # back-pressure, and surfaces delivery errors early
 
-    def _partition_of(self, topic: str, key: bytes | None) -> int:
+    def partition_of(self, topic: str, key: bytes | None) -> int:
+        """The partition Kafka's default partitioner gives ``key`` (after :meth:`open_topic`)."""
         partitions = self._partitions[topic]
         if key is None:
             return partitions[self.published % len(partitions)]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_ml.events.codec import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
     InvalidMessage,
     Scalar,
     decode_map,
@@ -69,6 +71,58 @@ KNOWN_FIELDS = frozenset(Transaction.__dataclass_fields__) - {"extra"}
 
 def validate_transaction(d: Mapping[str, Any]) -> Transaction:
     """A mapping of fields to a :class:`Transaction`, or :class:`InvalidMessage` naming the field."""
+    tx = _well_formed(d)
+    return tx if tx is not None else _validate_field_by_field(d)
+
+
+def _well_formed(d: Mapping[str, Any]) -> Transaction | None:
+    """The common case in one pass (a third of the field-by-field cost); None when in doubt."""
+    get = d.get
+    event_id, card_id, merchant_id = get("event_id"), get("card_id"), get("merchant_id")
+    t, amount, channel = get("event_time"), get("amount"), get("channel")
+    currency, country, device_id = get("currency"), get("country"), get("device_id")
+    if (
+        type(event_id) is str
+        and 0 < len(event_id) <= 128
+        and type(card_id) is str
+        and 0 < len(card_id) <= 128
+        and type(merchant_id) is str
+        and 0 < len(merchant_id) <= 128
+        and type(t) is int
+        and MIN_TIME_MS <= t < MAX_TIME_MS
+        and (type(amount) is float or type(amount) is int)
+        and 0 <= amount <= MAX_AMOUNT
+        and type(channel) is str
+        and 0 < len(channel) <= 32
+        and channel.islower()
+        and type(currency) is str
+        and len(currency) == 3
+        and currency.isascii()
+        and currency.isalpha()
+        and currency.isupper()
+        and type(country) is str
+        and len(country) == 2
+        and country.isascii()
+        and country.isalpha()
+        and country.isupper()
+        and (device_id is None or (type(device_id) is str and 0 < len(device_id) <= 128))
+    ):
+        return Transaction(
+            event_id,
+            t,
+            card_id,
+            merchant_id,
+            float(amount),
+            currency,
+            country,
+            channel,
+            device_id,
+            extra_fields(d, KNOWN_FIELDS),
+        )
+    return None
+
+
+def _validate_field_by_field(d: Mapping[str, Any]) -> Transaction:
     event_id = req_str(d, "event_id")
     event_time = req_time_ms(d, "event_time")
     card_id = req_str(d, "card_id")

@@ -1,0 +1,268 @@
+"""One entity's window state: tiles per window, distinct values, last event time, applied offsets.
+
+The state is what is stored (one compact blob per entity); feature values are derived from it at
+read time for the read time, so a window's value falls as time passes without new events.
+
+Writes are idempotent: the state keeps, per source partition, the last offset applied to it, and
+an event at or below that offset is skipped. A worker that crashed and reprocesses a batch cannot
+count an event twice, even if it had written only part of the batch.
+
+>>> from stream_ml.features.definitions import Feature, FeatureSet
+>>> fs = FeatureSet("doc", (Feature("n_1h", "card", "count", 3600),))
+>>> layout = Layout.of(fs, "card")
+>>> s = layout.new()
+>>> layout.apply(s, "transactions", 1_000_000, (), "t0", 7)
+True
+>>> layout.apply(s, "transactions", 1_000_000, (), "t0", 7)  # the same offset again: skipped
+False
+>>> layout.read(s, 1_000_000), layout.read(s, 1_000_000 + 3_600_000)
+([1.0], [0.0])
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from stream_ml.features.definitions import TILES, Feature, FeatureSet
+
+SLOT = 5  # tile index, count, sum, min, max
+STATE_FORMAT = 4
+DISTINCT_CAP = 1024  # distinct counts saturate here: the state of a busy entity stays small
+_PRUNE_ABOVE = 16
+_INF = math.inf
+
+
+@dataclass(slots=True)
+class EntityState:
+    tiles: array  # per numeric series, TILES slots of SLOT doubles
+    distinct: list[dict[str, int]]  # per distinct series: value -> last tile index seen
+    last: list[int]  # per source with a since_last feature: latest event time (ms), -1 if none
+    offsets: dict[str, int]  # source partition ("t3", "l0") -> last offset applied
+
+
+@dataclass(frozen=True, slots=True)
+class _Numeric:
+    source: str
+    field: str | None
+    tile_ms: int
+    base: int  # index of the series' first slot in EntityState.tiles
+
+
+@dataclass(frozen=True, slots=True)
+class _Distinct:
+    source: str
+    field: str
+    tile_ms: int
+    index: int
+
+
+class Layout:
+    """How the features of one entity type map onto an :class:`EntityState`."""
+
+    def __init__(self, entity: str, features: list[Feature]) -> None:
+        self.entity = entity
+        self.features = features
+        numeric: dict[tuple, _Numeric] = {}
+        distinct: dict[tuple, _Distinct] = {}
+        last: dict[str, int] = {}
+        series: dict[str, _Numeric] = {}  # feature name -> the tiles it reads
+        # Fields first: a count then reads the tiles of any field with its source and window.
+        for f in sorted(features, key=lambda f: f.agg == "count"):
+            if f.agg == "distinct":
+                key = (f.source, f.field, f.tile_ms)
+                distinct.setdefault(key, _Distinct(f.source, f.field, f.tile_ms, len(distinct)))  # type: ignore[arg-type]
+            elif f.agg == "since_last":
+                last.setdefault(f.source, len(last))
+            else:
+                shared = [s for s in numeric.values() if (s.source, s.tile_ms) == (f.source, f.tile_ms)]
+                key = (f.source, f.field, f.tile_ms)
+                if f.agg == "count" and shared:
+                    series[f.name] = shared[0]
+                    continue
+                base = len(numeric) * TILES * SLOT
+                series[f.name] = numeric.setdefault(key, _Numeric(f.source, f.field, f.tile_ms, base))
+        self._numeric = list(numeric.values())
+        self._distinct = list(distinct.values())
+        self._last = last
+        # The event fields each source must provide, in order (what a repartitioned record carries).
+        self.fields: dict[str, tuple[str, ...]] = {}
+        for source in {f.source for f in features}:
+            needed = [s.field for s in self._numeric if s.source == source and s.field]
+            needed += [s.field for s in self._distinct if s.source == source]
+            self.fields[source] = tuple(dict.fromkeys(needed))
+        self._series = series
+        self._plan = {source: self._plan_for(source) for source in self.fields}
+        self._empty = array("d", [-1.0, 0.0, 0.0, _INF, -_INF]) * (len(self._numeric) * TILES)
+        self._readers = [self._reader(f, series, distinct) for f in features]
+
+    @classmethod
+    def of(cls, feature_set: FeatureSet, entity: str) -> Layout:
+        return cls(entity, [f for f in feature_set.features if f.entity == entity])
+
+    def new(self) -> EntityState:
+        return EntityState(array("d", self._empty), [{} for _ in self._distinct], [-1] * len(self._last), {})
+
+    def _plan_for(self, source: str) -> tuple[list, list, int | None]:
+        fields = self.fields[source]
+        numeric = []
+        for s in self._numeric:
+            if s.source == source:
+                aggs = {f.agg for f in self.features if self._series.get(f.name) is s}
+                fi = fields.index(s.field) if s.field else None
+                numeric.append((s.base, s.tile_ms, fi, "min" in aggs, "max" in aggs))
+        distinct = [(s.index, s.tile_ms, fields.index(s.field)) for s in self._distinct if s.source == source]
+        return numeric, distinct, self._last.get(source)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def apply(self, state: EntityState, source: str, t: int, values: tuple, src: str, offset: int) -> bool:
+        """Apply one event (``values`` in the order of ``self.fields[source]``); False if already applied."""
+        if offset <= state.offsets.get(src, -1):
+            return False
+        state.offsets[src] = offset
+        numeric, distinct, last = self._plan[source]
+        tiles = state.tiles
+        for base, tile_ms, fi, need_min, need_max in numeric:
+            k = t // tile_ms
+            i = base + (k % TILES) * SLOT
+            v = values[fi] if fi is not None else 0.0
+            held = tiles[i]
+            if held == k:
+                tiles[i + 1] += 1.0
+                if fi is not None:
+                    tiles[i + 2] += v
+                    if need_min and v < tiles[i + 3]:
+                        tiles[i + 3] = v
+                    if need_max and v > tiles[i + 4]:
+                        tiles[i + 4] = v
+            elif k > held:  # the slot's tile is over: this event opens the slot's next tile
+                tiles[i] = k
+                tiles[i + 1] = 1.0
+                tiles[i + 2] = v
+                tiles[i + 3] = v
+                tiles[i + 4] = v
+            # else: a full window older than the slot's tile, outside every window
+        for index, tile_ms, fi in distinct:
+            value = values[fi]
+            if value is not None:
+                seen = state.distinct[index]
+                k = t // tile_ms
+                if seen.get(value, -1) < k:
+                    seen[value] = k
+        if last is not None and t > state.last[last]:
+            state.last[last] = t
+        return True
+
+    # -- reading --------------------------------------------------------------------------
+
+    def read(self, state: EntityState | None, t: int) -> list[float]:
+        """The entity's feature values as of ``t`` (ms), in the order of ``self.features``."""
+        if state is None:
+            return [f.default for f in self.features]
+        return [reader(state, t) for reader in self._readers]
+
+    def _reader(self, f: Feature, series: dict[str, _Numeric], distinct: dict) -> Any:
+        default = f.default
+        if f.agg == "since_last":
+            index, cap = self._last[f.source], float(f.window_s)
+
+            def since_last(state: EntityState, t: int) -> float:
+                last = state.last[index]
+                if last < 0:
+                    return default
+                return min(max(t - last, 0) / 1000.0, cap)
+
+            return since_last
+        if f.agg == "distinct":
+            d = distinct[(f.source, f.field, f.tile_ms)]
+
+            def count_distinct(state: EntityState, t: int) -> float:
+                k = t // d.tile_ms
+                return float(sum(1 for seen in state.distinct[d.index].values() if k - TILES < seen <= k))
+
+            return count_distinct
+        s = series[f.name]
+        agg = f.agg
+
+        def aggregate(state: EntityState, t: int) -> float:
+            k = t // s.tile_ms
+            tiles = state.tiles
+            count = total = 0.0
+            low, high = _INF, -_INF
+            for i in range(s.base, s.base + TILES * SLOT, SLOT):
+                if k - TILES < tiles[i] <= k:
+                    count += tiles[i + 1]
+                    total += tiles[i + 2]
+                    low = min(low, tiles[i + 3])
+                    high = max(high, tiles[i + 4])
+            if agg == "count":
+                return count
+            if count == 0:
+                return default
+            if agg == "sum":
+                return total
+            if agg == "mean":
+                return total / count
+            return low if agg == "min" else high
+
+        return aggregate
+
+    def seen(self, state: EntityState | None, feature: Feature, value: str, t: int) -> bool:
+        """Whether ``value`` counts in the distinct ``feature`` as of ``t``."""
+        if state is None or value is None:
+            return False
+        for d in self._distinct:
+            if (d.source, d.field, d.tile_ms) == (feature.source, feature.field, feature.tile_ms):
+                k = t // d.tile_ms
+                return k - TILES < state.distinct[d.index].get(value, -1 << 62) <= k
+        raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
+
+    # -- storing --------------------------------------------------------------------------
+
+    def encode(self, state: EntityState) -> bytes:
+        """The stored blob (distinct values out of every window pruned now and then)."""
+        for d in self._distinct:
+            seen = state.distinct[d.index]
+            if len(seen) > _PRUNE_ABOVE:  # stale values cost only bytes: prune once there are some
+                newest = max(seen.values())
+                state.distinct[d.index] = seen = {v: k for v, k in seen.items() if k > newest - TILES}
+                if len(seen) > DISTINCT_CAP:
+                    state.distinct[d.index] = dict(sorted(seen.items(), key=lambda kv: kv[1])[-DISTINCT_CAP:])
+        # Most slots of most entities are empty: only the used ones are stored.
+        slots = np.frombuffer(state.tiles, dtype=np.float64).reshape(-1, SLOT)
+        used = np.flatnonzero(slots[:, 0] >= 0.0)
+        return msgpack.packb(
+            [
+                STATE_FORMAT,
+                used.astype(np.uint16).tobytes(),
+                slots[used].tobytes(),
+                state.distinct,
+                state.last,
+                state.offsets,
+            ],
+            use_bin_type=True,
+        )
+
+    def decode(self, blob: bytes) -> EntityState:
+        fields = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if fields[0] != STATE_FORMAT:
+            raise ValueError(
+                f"state format {fields[0]} is not {STATE_FORMAT}: rebuild the store with a replay"
+            )
+        _, used, values, distinct, last, offsets = fields
+        tiles = array("d", self._empty)
+        slots = np.frombuffer(tiles, dtype=np.float64).reshape(-1, SLOT)
+        slots[np.frombuffer(used, dtype=np.uint16)] = np.frombuffer(values, dtype=np.float64).reshape(
+            -1, SLOT
+        )
+        return EntityState(tiles, distinct, last, offsets)
+
+
+def layouts(feature_set: FeatureSet) -> dict[str, Layout]:
+    return {entity: Layout.of(feature_set, entity) for entity in feature_set.entities()}

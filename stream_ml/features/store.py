@@ -1,0 +1,128 @@
+"""The online store in Redis: one blob per entity, read and written one round trip per batch.
+
+Keys are ``{namespace}:{feature set version}.s{state format}:{<entity>:<id>}``: the braces are a Redis Cluster
+hash tag, so each entity lives in one slot and the keys of a batch spread over the cluster. Keys
+expire after the longest window plus the allowed lateness, so the store does not grow without
+bound. The event index (``{namespace}:ev:{<event id>}``) lets a label find its transaction's
+card, merchant and device; it expires after the label horizon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import hiredis
+import msgpack
+import redis
+import redis.asyncio as aioredis
+
+from stream_ml.features.definitions import ENTITIES, FeatureSet
+from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, layouts
+
+EntityKey = tuple[str, str]  # (entity type, id)
+# KEYS: states, then event index entries, then plain keys; ARGV: their counts, TTLs, then values.
+_SAVE_SCRIPT = """
+local n_states, n_events = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if i <= n_states then
+    redis.call('SET', KEYS[i], ARGV[i + 4], 'PX', ARGV[3])
+  elseif i <= n_states + n_events then
+    redis.call('SET', KEYS[i], ARGV[i + 4], 'PX', ARGV[4])
+  else
+    redis.call('SET', KEYS[i], ARGV[i + 4])
+  end
+end
+return #KEYS
+"""
+_SAVE_SHA = hashlib.sha1(_SAVE_SCRIPT.encode()).hexdigest()
+NAMESPACE = "sm"
+LABEL_HORIZON_S = 30 * 86400
+
+
+class FeatureStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        feature_set: FeatureSet,
+        label_horizon_s: int = LABEL_HORIZON_S,
+        namespace: str = NAMESPACE,
+    ) -> None:
+        self.client = client
+        self.feature_set = feature_set
+        self.layouts: dict[str, Layout] = layouts(feature_set)
+        # A new state format starts a new key space; the old one expires with its TTL.
+        self._prefix = f"{namespace}:{feature_set.version}.s{STATE_FORMAT}:"
+        self._event_prefix = f"{namespace}:ev:"
+        self.ttl_ms = feature_set.longest_window_ms() + feature_set.allowed_lateness_s * 1000
+        self.label_horizon_ms = label_horizon_s * 1000
+
+    def key(self, entity: str, entity_id: str) -> str:
+        return f"{self._prefix}{{{entity}:{entity_id}}}"
+
+    async def load(self, keys: Iterable[EntityKey]) -> dict[EntityKey, EntityState | None]:
+        """The states of ``keys`` in one MGET (None where an entity has none yet)."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        blobs = await self._call("MGET", *[self.key(e, i) for e, i in keys])
+        return {
+            k: (self.layouts[k[0]].decode(blob) if blob is not None else None)
+            for k, blob in zip(keys, blobs, strict=True)
+        }
+
+    async def save(
+        self,
+        states: Mapping[EntityKey, EntityState],
+        events: Mapping[str, tuple[str, str, str | None]] | None = None,
+        plain: Mapping[str, bytes | str | int] | None = None,
+    ) -> None:
+        """Write states, event index entries and ``plain`` keys (no TTL) in one round trip.
+
+        One server-side script sets every key with its TTL: a pipeline of SET commands costs
+        redis-py ~50 µs a command, this costs it a few µs a key. (On Redis Cluster the keys of a
+        script must share a slot: a cluster client must group them by slot first.)
+        """
+        events = events or {}
+        plain = plain or {}
+        keys = [self.key(e, i) for e, i in states]
+        keys += [self._event_prefix + "{" + e + "}" for e in events]
+        keys += list(plain)
+        if not keys:
+            return
+        values: list[bytes | str | int] = [self.layouts[e].encode(s) for (e, _), s in states.items()]
+        values += [msgpack.packb(entities) for entities in events.values()]
+        values += list(plain.values())
+        args = (len(keys), *keys, len(states), len(events), self.ttl_ms, self.label_horizon_ms, *values)
+        try:
+            await self._call("EVALSHA", _SAVE_SHA, *args)
+        except redis.exceptions.NoScriptError:
+            await self._call("EVAL", _SAVE_SCRIPT, *args)
+
+    async def lookup_events(self, event_ids: list[str]) -> dict[str, tuple[str, str, str | None]]:
+        """The (card, merchant, device) of each known event id."""
+        if not event_ids:
+            return {}
+        blobs = await self._call("MGET", *[self._event_prefix + "{" + e + "}" for e in event_ids])
+        return {e: tuple(msgpack.unpackb(b)) for e, b in zip(event_ids, blobs, strict=True) if b is not None}
+
+    async def _call(self, *args: str | bytes | int) -> object:
+        """One command, packed by hiredis: redis-py's own packing costs ~2 µs per argument."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(hiredis.pack_command(args))
+            return await conn.read_response()
+        finally:
+            await pool.release(conn)
+
+    async def entity_states(self, ids: Mapping[str, str | None]) -> dict[str, EntityState | None]:
+        """States by entity type for one request (``ids``: entity type -> id)."""
+        wanted = [(e, i) for e, i in ids.items() if i is not None and e in self.layouts]
+        loaded = await self.load(wanted)
+        return {e: loaded.get((e, i)) if i is not None else None for e, i in ids.items()}
+
+
+def entity_ids_of(fields: Mapping[str, object]) -> dict[str, str | None]:
+    """Entity type -> id, from a mapping of transaction fields."""
+    return {entity: fields.get(field) for entity, field in ENTITIES.items()}  # type: ignore[misc]

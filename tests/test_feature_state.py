@@ -1,0 +1,143 @@
+"""Window state against the brute-force oracle, in process (no broker): tiles, decay, late events."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from feature_oracle import Oracle
+
+from stream_ml.events import Label, Transaction
+from stream_ml.features import FRAUD_FEATURES
+from stream_ml.features.definitions import Feature, FeatureSet, RequestFeature
+from stream_ml.features.state import layouts
+from stream_ml.features.vector import VectorBuilder
+
+T0 = 1_780_000_000_000
+DAY = 86_400_000
+
+
+def _random_stream(rng: random.Random, n: int) -> list[Transaction]:
+    """Mostly in order, some out of order within the lateness, a few far too late."""
+    t = T0
+    out = []
+    for i in range(n):
+        t += int(rng.expovariate(1 / 40_000))  # ~40 s apart: minutes to days of history
+        ts = t
+        r = rng.random()
+        if r < 0.08:
+            ts = t - rng.randrange(1, 3_000_000)  # out of order, within the hour of lateness
+        elif r < 0.10:
+            ts = t - rng.randrange(4_000_000, 90_000_000)  # later than the allowed lateness
+        out.append(
+            Transaction(
+                f"e{i}",
+                ts,
+                f"c{rng.randrange(25)}",
+                f"m{rng.randrange(8)}",
+                round(rng.uniform(1, 500), 2),
+                "EUR",
+                rng.choice(["FR", "DE", "ES"]),
+                rng.choice(["pos", "ecom"]),
+                rng.choice([None, f"d{rng.randrange(30)}"]),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_feature_matches_the_oracle_at_random_times(seed):
+    rng = random.Random(seed)
+    fs = FRAUD_FEATURES
+    L = layouts(fs)
+    oracle = Oracle(fs)
+    states: dict[tuple[str, str], object] = {}
+    stream = _random_stream(rng, 2500)
+    labels = []
+    for offset, tx in enumerate(stream):
+        if not oracle.transaction(tx, partition=0):
+            continue
+        for entity, layout in L.items():
+            entity_id = {"card": tx.card_id, "merchant": tx.merchant_id, "device": tx.device_id}[entity]
+            if entity_id is None or "transactions" not in layout.fields:
+                continue
+            state = states.setdefault((entity, entity_id), layout.new())
+            values = tuple(getattr(tx, f) for f in layout.fields["transactions"])
+            assert layout.apply(state, "transactions", tx.event_time, values, "t0", offset)
+            assert not layout.apply(state, "transactions", tx.event_time, values, "t0", offset)  # idempotent
+        if rng.random() < 0.3:
+            labels.append(
+                (Label(tx.event_id, rng.random() < 0.2, tx.event_time + rng.randrange(DAY), "x"), tx)
+            )
+        if offset % 500 == 0:  # the stored form round-trips mid-stream
+            for key, state in states.items():
+                states[key] = L[key[0]].decode(L[key[0]].encode(state))
+    labels.sort(key=lambda lt: lt[0].label_time)
+    for offset, (label, tx) in enumerate(labels):
+        if not oracle.label(label, tx, partition=0):
+            continue
+        for entity, layout in L.items():
+            entity_id = {"card": tx.card_id, "merchant": tx.merchant_id, "device": tx.device_id}[entity]
+            if entity_id is None or "labels" not in layout.fields:
+                continue
+            state = states.setdefault((entity, entity_id), layout.new())
+            layout.apply(state, "labels", label.label_time, (1.0 if label.is_fraud else 0.0,), "l0", offset)
+    assert oracle.dropped, "the stream must contain events later than the lateness"
+
+    end = max(max(tx.event_time for tx in stream), max(lb.label_time for lb, _ in labels))
+    times = [end, end + 1, end + 600_000, end + 2 * 3_600_000, end + DAY, end + 8 * DAY, end + 31 * DAY]
+    times += [end + rng.randrange(31 * DAY) for _ in range(5)]
+    checked = 0
+    for (entity, entity_id), state in states.items():
+        layout = L[entity]
+        for t in times:
+            got = layout.read(state, t)
+            for f, value in zip(layout.features, got, strict=True):
+                assert value == pytest.approx(oracle.value(f, entity_id, t), rel=1e-9, abs=1e-9), (
+                    f.name,
+                    entity_id,
+                    t - end,
+                )
+                checked += 1
+    assert checked > 5000
+
+
+def test_a_window_decays_without_new_events():
+    fs = FeatureSet(
+        "t", (Feature("n_1h", "card", "count", 3600), Feature("s_1h", "card", "sum", 3600, "amount"))
+    )
+    layout = layouts(fs)["card"]
+    s = layout.new()
+    for i in range(3):
+        layout.apply(s, "transactions", T0 + i * 60_000, (10.0,), "t0", i)
+    assert layout.read(s, T0 + 180_000) == [3.0, 30.0]
+    assert layout.read(s, T0 + 3_600_000 + 500_000) == [0.0, 0.0]  # an hour and a tile later: gone
+
+
+def test_the_vector_has_every_input_in_order_with_request_features():
+    builder = VectorBuilder(FRAUD_FEATURES)
+    L = builder.layouts
+    card = L["card"].new()
+    L["card"].apply(card, "transactions", T0, (100.0, "m1", "d1", "FR"), "t0", 0)
+    tx = Transaction("e9", T0 + 60_000, "c1", "m2", 300.0, "EUR", "DE", "ecom", "d1")
+    vector = dict(zip(builder.names, builder.build({"card": card}, tx, tx.event_time), strict=True))
+    assert len(vector) == len(FRAUD_FEATURES.names) >= 20
+    assert vector["card_tx_count_1h"] == 1.0 and vector["card_amount_mean_30d"] == 100.0
+    assert vector["amount_to_card_mean_30d"] == 3.0
+    assert vector["merchant_new_for_card"] == 1.0 and vector["device_new_for_card"] == 0.0
+    assert vector["country_new_for_card"] == 1.0 and vector["channel_ecom"] == 1.0
+    assert vector["merchant_tx_count_1h"] == 0.0  # no merchant state: defaults
+    assert vector["card_since_last_s"] == 60.0
+
+
+def test_feature_definitions_are_checked():
+    with pytest.raises(ValueError, match="needs a field"):
+        Feature("x", "card", "sum", 3600)
+    with pytest.raises(ValueError, match="window"):
+        Feature("x", "card", "count", 10)
+    with pytest.raises(ValueError, match="duplicate"):
+        FeatureSet("d", (Feature("x", "card", "count", 3600), Feature("x", "card", "count", 60)))
+    with pytest.raises(ValueError, match="not a stored feature"):
+        FeatureSet(
+            "d", (Feature("x", "card", "count", 3600),), (RequestFeature("r", "is_new", "nope", "card_id"),)
+        )
