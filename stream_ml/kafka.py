@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 # Tansu answers a waiting fetch only at its deadline: the default 500 ms would be our latency
@@ -150,3 +150,30 @@ class BatchPublisher:
                 cache.clear()
             partition = cache[key] = self._partitioner(key, partitions, partitions)
         return partition
+
+
+async def group_caught_up(bootstrap: str, group_id: str, topics: list[str], wait_ms: int = 300) -> bool:
+    """True when ``group_id`` has committed every record of ``topics``.
+
+    Reads past each committed offset instead of asking for end offsets: the embedded broker
+    (Tansu) answers ListOffsets(latest) wrongly, with a batch count.
+    """
+    committed_view = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    await committed_view.start()
+    await reader.start()
+    try:
+        await reader.topics()
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t) or ())]
+        if not tps:
+            return False
+        reader.assign(tps)
+        for tp in tps:
+            reader.seek(tp, await committed_view.committed(tp) or 0)
+        fetched = await reader.getmany(timeout_ms=wait_ms, max_records=1)
+        return not any(fetched.values())
+    finally:
+        await reader.stop()
+        await committed_view.stop()

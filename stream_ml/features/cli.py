@@ -50,6 +50,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=defaults.label_wait_s,
         help="seconds a label waits for its transaction before it is dead-lettered",
     )
+    features.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.max_records,
+        help="most records handled in one batch (one Redis round trip per batch)",
+    )
     add_arguments(features)
     features.set_defaults(run=_worker_features)
 
@@ -84,7 +90,10 @@ def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = WorkerOptions(
-        group_id=args.group, label_horizon_s=args.label_horizon, label_wait_s=args.label_wait
+        group_id=args.group,
+        label_horizon_s=args.label_horizon,
+        label_wait_s=args.label_wait,
+        max_records=args.batch_size,
     )
     worker = features.build(settings, options)
     if args.metrics_port:

@@ -1,0 +1,296 @@
+"""The feature worker end to end: real broker, real Redis, worker processes as a user runs them.
+
+One dataset (synthetic payments with out-of-order and too-late copies, and their labels) is
+published once; each test runs workers in its own consumer group and Redis database and compares
+the store with the brute-force oracle (tests/feature_oracle.py): one clean worker, a worker
+SIGKILLed and restarted several times, and two workers sharing the partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from aiokafka.partitioner import DefaultPartitioner
+from feature_oracle import Oracle
+from helpers import REPO, read_topic, settings_env
+
+from stream_ml.config import Settings
+from stream_ml.events import Label, Transaction, encode_label, encode_transaction
+from stream_ml.events.deadletter import reason_of
+from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
+from stream_ml.features import FRAUD_FEATURES
+from stream_ml.features.store import FeatureStore
+from stream_ml.kafka import BatchPublisher, group_caught_up, producer
+from stream_ml.stack import kafka_bootstrap, redis_url
+
+START = 1_780_000_000_000  # 2026-05-28 20:26:40 UTC
+HOUR = 3_600_000
+
+
+@dataclass
+class Dataset:
+    settings: Settings
+    oracle: Oracle
+    entities: list[tuple[str, str]]
+    read_times: list[int]
+    late: int
+
+
+def _partition(key: str, partitions: int) -> int:
+    ids = list(range(partitions))
+    return DefaultPartitioner()(key.encode(), ids, ids)
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: Settings) -> Dataset:
+    rng = random.Random(7)
+    tag = uuid.uuid4().hex[:8]
+    from dataclasses import replace
+
+    from stream_ml.stack.topics import ensure_topics
+
+    settings = replace(
+        stack,
+        topic_transactions=f"fw-tx-{tag}",
+        topic_labels=f"fw-labels-{tag}",
+        topic_dead_letter=f"fw-dlq-{tag}",
+    )
+    bootstrap = kafka_bootstrap(stack)
+    asyncio.run(ensure_topics(bootstrap, settings.topics(), settings.partitions))
+
+    stream = SyntheticStream(
+        SyntheticConfig(
+            seed=11, start_ms=START, rate=1.5, cards=150, merchants=30, fraud_rate=0.05, label_delay_s=900
+        )
+    )
+    items: list[Transaction | Label] = []
+    for item in stream.items(until_ms=START + 3 * HOUR):
+        items.append(item)
+        if isinstance(item, Transaction) and rng.random() < 0.06:  # a copy that arrives out of order
+            lag = (
+                rng.randrange(60_000, 50 * 60_000)
+                if rng.random() < 0.7
+                else rng.randrange(2 * HOUR, 3 * HOUR)
+            )
+            copy = Transaction(
+                item.event_id + "-copy",
+                item.event_time - lag,
+                item.card_id,
+                item.merchant_id,
+                item.amount + 1,
+                item.currency,
+                item.country,
+                item.channel,
+                item.device_id,
+            )
+            items.append(copy)
+    txs = {i.event_id: i for i in items if isinstance(i, Transaction)}
+
+    oracle = Oracle(FRAUD_FEATURES)
+    for item in items:
+        if isinstance(item, Transaction):
+            oracle.transaction(item, _partition(item.card_id, settings.partitions))
+        else:
+            oracle.label(item, txs[item.event_id], _partition(item.event_id, settings.partitions))
+    assert oracle.dropped, "the dataset must hold events later than the allowed lateness"
+
+    async def publish() -> None:
+        kafka = producer(bootstrap)
+        await kafka.start()
+        try:
+            out = BatchPublisher(kafka)
+            for item in items:
+                if isinstance(item, Transaction):
+                    await out.publish(
+                        settings.topic_transactions,
+                        item.card_id.encode(),
+                        encode_transaction(item),
+                        item.event_time,
+                    )
+                else:
+                    await out.publish(
+                        settings.topic_labels, item.event_id.encode(), encode_label(item), item.label_time
+                    )
+            await out.flush()
+        finally:
+            await kafka.stop()
+
+    asyncio.run(publish())
+    entities = [(e, i) for e, ids in oracle.events.items() for i in ids]
+    end = max(t for ids in oracle.events.values() for events in ids.values() for _, t, _ in events)
+    read_times = [
+        end,
+        end + 5 * 60_000,
+        end + 2 * HOUR,
+        end + 26 * HOUR,
+        end + 8 * 24 * HOUR,
+        end + 31 * 24 * HOUR,
+    ]
+    read_times += [end + rng.randrange(31 * 24 * HOUR) for _ in range(4)]
+    return Dataset(settings, oracle, entities, read_times, len(oracle.dropped))
+
+
+def _redis_db(settings: Settings, db: int) -> str:
+    url = redis_url(settings).rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def _start(ds: Dataset, group: str, url: str) -> subprocess.Popen:
+    env = settings_env(ds.settings, STREAM_ML_REDIS_URL=url)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_ml",
+            "worker",
+            "features",
+            "--group",
+            group,
+            "--metrics-port",
+            "0",
+            "--batch-size",
+            "400",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_done(ds: Dataset, group: str, workers: list[subprocess.Popen], timeout_s: float = 150.0) -> None:
+    topics = [
+        ds.settings.topic_transactions,
+        ds.settings.topic_labels,
+        *(f"{group}-{e}" for e in FRAUD_FEATURES.entities()),
+    ]
+    deadline = time.monotonic() + timeout_s
+    stable = 0
+    while time.monotonic() < deadline:
+        for w in workers:
+            assert w.poll() is None, f"a worker exited: {w.stderr.read()[-3000:]}"
+        done = asyncio.run(group_caught_up(kafka_bootstrap(ds.settings), group, topics))
+        stable = stable + 1 if done else 0
+        if stable >= 3:  # the entity topics may still receive what the sources routed: be sure
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"group {group} did not catch up within {timeout_s} s")
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    for w in workers:
+        assert w.wait(20) == 0, w.stderr.read()[-3000:]
+
+
+def _snapshot(ds: Dataset, url: str) -> dict[tuple[str, str, int], list[float]]:
+    async def read() -> dict:
+        client = aioredis.Redis.from_url(url)
+        try:
+            store = FeatureStore(client, FRAUD_FEATURES)
+            states = await store.load(ds.entities)
+            return {
+                (e, i, t): store.layouts[e].read(states[(e, i)], t)
+                for (e, i) in ds.entities
+                for t in ds.read_times
+            }
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def _assert_matches_oracle(ds: Dataset, snapshot: dict) -> None:
+    rng = random.Random(3)
+    checked = 0
+    for (entity, entity_id, t), values in snapshot.items():
+        assert values is not None
+        features = [f for f in FRAUD_FEATURES.features if f.entity == entity]
+        if rng.random() > 0.6:  # a few hundred entities at random times, every feature of each
+            continue
+        for f, value in zip(features, values, strict=True):
+            expected = ds.oracle.value(f, entity_id, t)
+            assert value == pytest.approx(expected, rel=1e-9, abs=1e-9), (f.name, entity_id, t)
+            checked += 1
+    assert checked > 3000
+
+
+def _assert_same(snapshot: dict, clean: dict | None) -> None:
+    """Equal to the clean run's store (sums may differ in the last bits: updates interleave differently)."""
+    if clean is None:
+        return
+    assert snapshot.keys() == clean.keys()
+    for key, values in snapshot.items():
+        assert values == pytest.approx(clean[key], rel=1e-12, abs=1e-9), key
+
+
+def _dead_letters(ds: Dataset) -> list:
+    return read_topic(kafka_bootstrap(ds.settings), ds.settings.topic_dead_letter, ds.late, timeout_s=10)
+
+
+def test_one_worker_matches_the_oracle(dataset: Dataset):
+    group, url = f"fw-clean-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 1)
+    worker = _start(dataset, group, url)
+    try:
+        _wait_done(dataset, group, [worker])
+    finally:
+        _stop([worker])
+    snapshot = _snapshot(dataset, url)
+    _assert_matches_oracle(dataset, snapshot)
+    assert len({(e, i) for e, i, _ in snapshot}) > 200
+
+    late = [r for r in _dead_letters(dataset) if "late event" in (reason_of(r.headers) or "")]
+    assert len(late) == dataset.late  # each too-late event dead-lettered once, with the reason
+    dataset.clean = snapshot  # type: ignore[attr-defined]
+
+
+def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
+    group, url = f"fw-kill-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 2)
+    rng = random.Random(5)
+    kills = 0
+    for _ in range(3):
+        worker = _start(dataset, group, url)
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 60
+        while not client.keys(f"sm:wm:{group}:*") and time.monotonic() < deadline:  # it has written
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+            kills += 1
+    assert kills == 3
+    worker = _start(dataset, group, url)
+    try:
+        _wait_done(dataset, group, [worker])
+    finally:
+        _stop([worker])
+    snapshot = _snapshot(dataset, url)
+    _assert_matches_oracle(dataset, snapshot)
+    _assert_same(snapshot, getattr(dataset, "clean", None))
+
+
+def test_two_workers_equal_one(dataset: Dataset):
+    group, url = f"fw-two-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 3)
+    workers = [_start(dataset, group, url), _start(dataset, group, url)]
+    try:
+        _wait_done(dataset, group, workers)
+    finally:
+        _stop(workers)
+    snapshot = _snapshot(dataset, url)
+    _assert_matches_oracle(dataset, snapshot)
+    _assert_same(snapshot, getattr(dataset, "clean", None))
