@@ -99,8 +99,13 @@ def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port)
-        log.info("metrics on :%d/metrics", args.metrics_port)
+        try:
+            start_http_server(args.metrics_port)
+            log.info("metrics on :%d/metrics", args.metrics_port)
+        except OSError as exc:  # a second worker on this machine: run on, without metrics
+            log.warning(
+                "no metrics: port %d: %s (give each worker its own --metrics-port)", args.metrics_port, exc
+            )
 
     async def main() -> None:
         stop = asyncio.Event()
