@@ -9,12 +9,14 @@ SIGKILLed and restarted several times, and two workers sharing the partitions.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from aiokafka.partitioner import DefaultPartitioner
 from feature_oracle import Oracle
-from helpers import REPO, read_topic, settings_env
+from helpers import REPO, free_port, read_topic, run_cli, settings_env
 
 from stream_ml.config import Settings
 from stream_ml.events import Label, Transaction, encode_label, encode_transaction
@@ -147,7 +149,7 @@ def _redis_db(settings: Settings, db: int) -> str:
     return url
 
 
-def _start(ds: Dataset, group: str, url: str) -> subprocess.Popen:
+def _start(ds: Dataset, group: str, url: str, metrics_port: int = 0) -> subprocess.Popen:
     env = settings_env(ds.settings, STREAM_ML_REDIS_URL=url)
     return subprocess.Popen(
         [
@@ -159,7 +161,7 @@ def _start(ds: Dataset, group: str, url: str) -> subprocess.Popen:
             "--group",
             group,
             "--metrics-port",
-            "0",
+            str(metrics_port),
             "--batch-size",
             "400",
         ],
@@ -244,9 +246,11 @@ def _dead_letters(ds: Dataset) -> list:
 
 def test_one_worker_matches_the_oracle(dataset: Dataset):
     group, url = f"fw-clean-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 1)
-    worker = _start(dataset, group, url)
+    port = free_port()
+    worker = _start(dataset, group, url, metrics_port=port)
     try:
         _wait_done(dataset, group, [worker])
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         _stop([worker])
     snapshot = _snapshot(dataset, url)
@@ -255,7 +259,36 @@ def test_one_worker_matches_the_oracle(dataset: Dataset):
 
     late = [r for r in _dead_letters(dataset) if "late event" in (reason_of(r.headers) or "")]
     assert len(late) == dataset.late  # each too-late event dead-lettered once, with the reason
+    late_metric = (
+        f'stream_ml_feature_events_total{{outcome="late",topic="{dataset.settings.topic_transactions}"}}'
+    )
+    assert f"{late_metric} {float(dataset.late)}" in metrics
+    assert "stream_ml_feature_freshness_seconds_bucket" in metrics
     dataset.clean = snapshot  # type: ignore[attr-defined]
+
+    # The inspection commands read the same store.
+    entity, entity_id, t = next(k for k in snapshot if k[0] == "card" and k[2] == dataset.read_times[2])
+    env = settings_env(dataset.settings, STREAM_ML_REDIS_URL=url)
+    got = run_cli("features", "get", "card", entity_id, "--at", str(t), env=env)
+    assert got.returncode == 0, got.stderr
+    features = json.loads(got.stdout)["features"]
+    assert list(features.values()) == pytest.approx(snapshot[(entity, entity_id, t)])
+    event = {
+        "event_id": "probe",
+        "event_time": t,
+        "card_id": entity_id,
+        "merchant_id": "m1",
+        "amount": 10.0,
+        "currency": "EUR",
+        "country": "FR",
+        "channel": "ecom",
+        "device_id": None,
+    }
+    vec = run_cli("features", "vector", "--event", json.dumps(event), env=env)
+    assert vec.returncode == 0, vec.stderr
+    vector = json.loads(vec.stdout)["vector"]
+    assert list(vector) == FRAUD_FEATURES.names
+    assert vector["card_tx_count_24h"] == features["card_tx_count_24h"] and vector["channel_ecom"] == 1.0
 
 
 def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
