@@ -35,6 +35,9 @@ SLOT = 5  # tile index, count, sum, min, max
 STATE_FORMAT = 4
 DISTINCT_CAP = 1024  # distinct counts saturate here: the state of a busy entity stays small
 _PRUNE_ABOVE = 16
+# An update, as the worker carries it: [entity id, source code, source partition ("transactions:3"),
+# offset, event time, *values in the order of Layout.fields[source]]: the values start at this index.
+UPDATE_VALUES = 5
 _INF = math.inf
 
 
@@ -43,7 +46,7 @@ class EntityState:
     tiles: array  # per numeric series, TILES slots of SLOT doubles
     distinct: list[dict[str, int]]  # per distinct series: value -> last tile index seen
     last: list[int]  # per source with a since_last feature: latest event time (ms), -1 if none
-    offsets: dict[str, int]  # source partition ("t3", "l0") -> last offset applied
+    offsets: dict[str, int]  # source partition ("transactions:3", "labels:0") -> last offset applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,24 +117,39 @@ class Layout:
         for s in self._numeric:
             if s.source == source:
                 aggs = {f.agg for f in self.features if self._series.get(f.name) is s}
-                fi = fields.index(s.field) if s.field else None
+                fi = UPDATE_VALUES + fields.index(s.field) if s.field else None
                 numeric.append((s.base, s.tile_ms, fi, "min" in aggs, "max" in aggs))
-        distinct = [(s.index, s.tile_ms, fields.index(s.field)) for s in self._distinct if s.source == source]
+        distinct = [
+            (s.index, s.tile_ms, UPDATE_VALUES + fields.index(s.field))
+            for s in self._distinct
+            if s.source == source
+        ]
         return numeric, distinct, self._last.get(source)
 
     # -- writing --------------------------------------------------------------------------
 
     def apply(self, state: EntityState, source: str, t: int, values: tuple, src: str, offset: int) -> bool:
         """Apply one event (``values`` in the order of ``self.fields[source]``); False if already applied."""
-        if offset <= state.offsets.get(src, -1):
+        return self.apply_update(state, source, [None, None, src, offset, t, *values])
+
+    def apply_update(self, state: EntityState, source: str, update: list) -> bool:
+        """:meth:`apply` for an update as the worker carries it (see ``UPDATE_VALUES``).
+
+        The worker's hot path: the values are read in place, no per-event tuple is built.
+        """
+        src = update[2]
+        offset = update[3]
+        offsets = state.offsets
+        if offset <= offsets.get(src, -1):
             return False
-        state.offsets[src] = offset
+        offsets[src] = offset
+        t = update[4]
         numeric, distinct, last = self._plan[source]
         tiles = state.tiles
         for base, tile_ms, fi, need_min, need_max in numeric:
             k = t // tile_ms
             i = base + (k % TILES) * SLOT
-            v = values[fi] if fi is not None else 0.0
+            v = update[fi] if fi is not None else 0.0
             held = tiles[i]
             if held == k:
                 tiles[i + 1] += 1.0
@@ -149,7 +167,7 @@ class Layout:
                 tiles[i + 4] = v
             # else: a full window older than the slot's tile, outside every window
         for index, tile_ms, fi in distinct:
-            value = values[fi]
+            value = update[fi]
             if value is not None:
                 seen = state.distinct[index]
                 k = t // tile_ms
@@ -227,27 +245,55 @@ class Layout:
 
     def encode(self, state: EntityState) -> bytes:
         """The stored blob (distinct values out of every window pruned now and then)."""
+        return self.encode_many([state])[0]
+
+    def encode_many(self, states: list[EntityState]) -> list[bytes]:
+        """The blobs of ``states``, as :meth:`encode` would make them one by one.
+
+        A numpy call costs ~1.7 µs here: finding the used slots of each state separately cost
+        ~20 µs a state; over the whole batch at once, the per-state work is two slices and a pack.
+        """
+        if not states:
+            return []
+        for state in states:
+            self._prune(state)
+        # Most slots of most entities are empty: only the used ones are stored.
+        n_slots = len(self._empty) // SLOT
+        slots = np.frombuffer(b"".join([s.tiles for s in states]), dtype=np.float64)
+        slots = slots.reshape(len(states), n_slots, SLOT)
+        used = slots[:, :, 0] >= 0.0
+        indices = np.nonzero(used)[1].astype(np.uint16).tobytes()  # row-major: state by state
+        values = slots[used].tobytes()
+        ends = np.cumsum(used.sum(axis=1)).tolist()
+        pack = msgpack.Packer(use_bin_type=True).pack  # reused: faster than packb; one a call: thread-safe
+        width = SLOT * 8
+        blobs = []
+        start = 0
+        for state, end in zip(states, ends, strict=True):
+            blobs.append(
+                pack(
+                    [
+                        STATE_FORMAT,
+                        indices[start * 2 : end * 2],
+                        values[start * width : end * width],
+                        state.distinct,
+                        state.last,
+                        state.offsets,
+                    ]
+                )
+            )
+            start = end
+        return blobs
+
+    def _prune(self, state: EntityState) -> None:
+        """Drop distinct values out of every window, once there are some (stale values cost only bytes)."""
         for d in self._distinct:
             seen = state.distinct[d.index]
-            if len(seen) > _PRUNE_ABOVE:  # stale values cost only bytes: prune once there are some
+            if len(seen) > _PRUNE_ABOVE:
                 newest = max(seen.values())
                 state.distinct[d.index] = seen = {v: k for v, k in seen.items() if k > newest - TILES}
                 if len(seen) > DISTINCT_CAP:
                     state.distinct[d.index] = dict(sorted(seen.items(), key=lambda kv: kv[1])[-DISTINCT_CAP:])
-        # Most slots of most entities are empty: only the used ones are stored.
-        slots = np.frombuffer(state.tiles, dtype=np.float64).reshape(-1, SLOT)
-        used = np.flatnonzero(slots[:, 0] >= 0.0)
-        return msgpack.packb(
-            [
-                STATE_FORMAT,
-                used.astype(np.uint16).tobytes(),
-                slots[used].tobytes(),
-                state.distinct,
-                state.last,
-                state.offsets,
-            ],
-            use_bin_type=True,
-        )
 
     def decode(self, blob: bytes) -> EntityState:
         fields = msgpack.unpackb(blob, raw=False, strict_map_key=False)
