@@ -95,6 +95,15 @@ class FeatureStore:
         plain: Mapping[str, bytes | str | int] | None = None,
     ) -> None:
         """:meth:`save`, the states given by entity type, then id (encoded a type at a time)."""
+        await self.write(self.prepare(states, events, plain))
+
+    def prepare(
+        self,
+        states: Mapping[str, Mapping[str, EntityState]],
+        events: Mapping[str, tuple[str, str, str | None]] | None = None,
+        plain: Mapping[str, bytes | str | int] | None = None,
+    ) -> tuple | None:
+        """Encode a write now (a snapshot: the states may change after), for :meth:`write` later."""
         events = events or {}
         plain = plain or {}
         keys: list[str] = []
@@ -108,15 +117,20 @@ class FeatureStore:
         keys += [event_prefix + e + "}" for e in events]
         keys += list(plain)
         if not keys:
-            return
+            return None
         pack = msgpack.Packer().pack  # reused for the batch: cheaper than packb per entry
         values += [pack(entities) for entities in events.values()]
         values += list(plain.values())
-        args = (len(keys), *keys, n_states, len(events), self.ttl_ms, self.label_horizon_ms, *values)
+        return (len(keys), *keys, n_states, len(events), self.ttl_ms, self.label_horizon_ms, *values)
+
+    async def write(self, prepared: tuple | None) -> None:
+        """Send a write made by :meth:`prepare`: one round trip, one server-side script."""
+        if prepared is None:
+            return
         try:
-            await self._call("EVALSHA", _SAVE_SHA, *args)
+            await self._call("EVALSHA", _SAVE_SHA, *prepared)
         except redis.exceptions.NoScriptError:
-            await self._call("EVAL", _SAVE_SCRIPT, *args)
+            await self._call("EVAL", _SAVE_SCRIPT, *prepared)
 
     async def lookup_events(self, event_ids: list[str]) -> dict[str, tuple[str, str, str | None]]:
         """The (card, merchant, device) of each known event id."""

@@ -25,9 +25,10 @@ import gc
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
@@ -92,6 +93,7 @@ class FeatureWorker:
         # they need no read from Redis until the partition moves (then they are dropped).
         self._owned: dict[TopicPartition, dict[str, EntityState]] = {}
         self._cached = 0
+        self._writing: asyncio.Future | None = None  # the write and commit of the last batch
         self.processed = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -108,7 +110,8 @@ class FeatureWorker:
             for entity, layout in self._layouts.items()
             for source in SOURCE_CODES
         }
-        self._kafka_out = producer(self.bootstrap)
+        # linger 0: a batch of routed updates is flushed at once; waiting to fill it only adds latency
+        self._kafka_out = producer(self.bootstrap, linger_ms=0)
         await self._kafka_out.start()
         self._out = BatchPublisher(self._kafka_out)
         for topic in [*self.entity_topics.values(), self.settings.topic_dead_letter]:
@@ -121,6 +124,8 @@ class FeatureWorker:
         await self._consumer.start()
         try:
             while not stop.is_set():
+                if self._writing is not None and self._writing.done():
+                    self._writing.result()  # a failed write stops the worker: a restart redoes it
                 fetch = asyncio.ensure_future(
                     self._consumer.getmany(timeout_ms=100, max_records=self.options.max_records)
                 )
@@ -133,8 +138,15 @@ class FeatureWorker:
                     break
                 stopped.cancel()
                 with _gc_paused():
-                    await self.process(fetch.result())
+                    finish = await self._compute(fetch.result())
+                # One batch is written and committed while the next is computed: never more, so
+                # a slow Redis or broker slows the consumption instead of piling batches up.
+                await self.flushed()
+                self._writing = asyncio.ensure_future(finish)
+            await self.flushed()
         finally:
+            if self._writing is not None and not self._writing.done():
+                self._writing.cancel()
             await self._consumer.stop()
             await self._kafka_out.stop()
             await self._redis.aclose()
@@ -142,6 +154,19 @@ class FeatureWorker:
     # -- one batch ------------------------------------------------------------------------
 
     async def process(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """One batch, start to end: computed, written, committed."""
+        await (await self._compute(fetched))
+        await self.flushed()
+
+    async def flushed(self) -> None:
+        """Wait until every computed batch is written and committed."""
+        if self._writing is not None:
+            await self._writing
+
+    async def _compute(
+        self, fetched: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> Coroutine[Any, Any, None]:
+        """Route and apply a batch in memory; returns the coroutine that writes and commits it."""
         s = self.settings
         commit: dict[TopicPartition, int] = {}
         updates: dict[str, list[Update]] = defaultdict(list)  # entity topic -> updates, in order
@@ -166,24 +191,39 @@ class FeatureWorker:
         rejected += await self._route_labels(updates, events, commit)
         metrics.BATCH_EVENTS.observe(n)
 
-        # 1. route: updates to the entity topics, dead letters; acknowledged before any commit
+        # 1. route: updates to the entity topics and dead letters, queued in the publisher
         for topic, entity_updates in updates.items():
             await self._publish_updates(topic, entity_updates)
-        if rejected:
-            for r in rejected:
-                self._out.add(s.topic_dead_letter, r.record.key, r.record.value or b"", None, r.headers())
-        # Awaited before stage 2 rather than beside it: measured here, the broker and Redis share
-        # the cores with this process, and overlapping them made the Redis write slower.
-        await self._out.flush()
+        for r in rejected:
+            self._out.add(s.topic_dead_letter, r.record.key, r.record.value or b"", None, r.headers())
 
-        # 2. apply: the entity updates fetched in this batch, one MGET and one pipeline
+        # 2. apply: the entity updates fetched in this batch, encoded now for one write
         states: dict[str, dict[str, EntityState]] = {}
+        times: list[int] = []
         if applied:
             states, times = await self._apply(applied)
+        write = self.store.prepare(states, events, self._watermark_entries(commit))
+        return self._finish(self._writing, write, commit, times, n, fetched)
+
+    async def _finish(
+        self,
+        previous: asyncio.Future | None,
+        write: tuple | None,
+        commit: dict[TopicPartition, int],
+        times: list[int],
+        n: int,
+        fetched: dict[TopicPartition, list[ConsumerRecord]],
+    ) -> None:
+        """Write and commit one batch, strictly after the batch before it."""
+        if previous is not None:
+            await previous
+        # The routed updates and dead letters are acknowledged before the commit, so a crash
+        # replays their sources rather than losing them.
+        await self._out.flush()
         started = time.perf_counter()
-        await self.store.save_grouped(states, events, self._watermark_entries(commit))
+        await self.store.write(write)
         metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
-        if applied:
+        if times:
             self._observe_freshness(times)
         if commit:
             await self._consumer.commit(commit)
@@ -395,6 +435,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.worker.flushed()  # commit what was done before the partitions move
         self.worker.forget(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
