@@ -8,13 +8,16 @@ One consumer-group member runs two stages per fetched batch:
    transaction, and publish each entity's update to the entity's topic (``<group>-card``,
    ``-merchant``, ``-device``), keyed by entity id: so every entity has exactly one writer, the
    owner of its partition, however many workers run.
-2. **apply** (the entity topics): load the batch's entities in one MGET, apply the updates, write
-   them back in one pipeline.
+2. **apply** (the entity topics): apply the updates to the states of the entities this worker
+   owns (kept in memory, read from Redis once when their partition is assigned) and write the
+   changed states back in one round trip.
 
 Offsets are committed after both. Each state remembers the last offset it applied per source
 partition, so a batch replayed after a crash (even one written half-way) changes nothing twice.
 Updates travel many to a Kafka record (one record per entity partition and batch): the Kafka
-cost per event stays a few microseconds.
+cost per event stays a few microseconds. A batch is written and committed while the next one is
+computed, never more than one in flight. If Redis or the broker fails, the worker stops with the
+error (Redis: after a 10 s socket timeout); restarted, it resumes from its last commit.
 """
 
 from __future__ import annotations
