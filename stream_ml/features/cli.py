@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 
+import redis
 import redis.asyncio as aioredis
 import uvloop
 
@@ -126,7 +127,12 @@ def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
             reporter.cancel()
         log.info("stopped after %s records", f"{worker.processed:,}")
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except redis.exceptions.RedisError as exc:  # mid-run: one line that says what broke
+        raise ConnectionError(
+            f"Redis failed: {exc}; the worker resumes from its last commit when restarted"
+        ) from None
     return 0
 
 

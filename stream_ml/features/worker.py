@@ -34,6 +34,7 @@ from operator import attrgetter
 from typing import Any
 
 import msgpack
+import redis
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -105,7 +106,14 @@ class FeatureWorker:
         """Consume until ``stop`` is set (or forever)."""
         stop = stop or asyncio.Event()
         await ensure_topics(self.bootstrap, list(self.entity_topics.values()), self.settings.partitions)
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0)
+        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+        try:
+            await self._redis.ping()
+        except redis.exceptions.RedisError as exc:
+            raise ConnectionError(
+                f"Redis at {self.redis_url} does not answer ({exc}): start it (`stream-ml stack up`) "
+                "or fix STREAM_ML_REDIS_URL"
+            ) from None
         self.store = FeatureStore(self._redis, self.feature_set, self.options.label_horizon_s)
         self._layouts = self.store.layouts
         self._getters = {
@@ -148,8 +156,11 @@ class FeatureWorker:
                 self._writing = asyncio.ensure_future(finish)
             await self.flushed()
         finally:
-            if self._writing is not None and not self._writing.done():
-                self._writing.cancel()
+            if self._writing is not None:
+                if self._writing.done():
+                    self._writing.exception()  # already raised or reported: mark it retrieved
+                else:
+                    self._writing.cancel()
             await self._consumer.stop()
             await self._kafka_out.stop()
             await self._redis.aclose()
