@@ -327,3 +327,72 @@ def test_two_workers_equal_one(dataset: Dataset):
     snapshot = _snapshot(dataset, url)
     _assert_matches_oracle(dataset, snapshot)
     _assert_same(snapshot, getattr(dataset, "clean", None))
+
+
+def test_a_label_without_its_transaction_is_dead_lettered_after_the_wait(topics: Settings):
+    bootstrap = kafka_bootstrap(topics)
+    tx = Transaction("known", START, "c1", "m1", 10.0, "EUR", "FR", "pos", None)
+
+    async def publish() -> None:
+        kafka = producer(bootstrap)
+        await kafka.start()
+        try:
+            out = BatchPublisher(kafka)
+            await out.publish(topics.topic_transactions, b"c1", encode_transaction(tx), START)
+            await out.publish(
+                topics.topic_labels, b"orphan", encode_label(Label("orphan", True, START, "x")), START
+            )
+            await out.publish(
+                topics.topic_labels, b"known", encode_label(Label("known", True, START + 1, "x")), START
+            )
+            await out.flush()
+        finally:
+            await kafka.stop()
+
+    asyncio.run(publish())
+    group, url = f"fw-orphan-{uuid.uuid4().hex[:6]}", _redis_db(topics, 4)
+    ds = Dataset(topics, Oracle(FRAUD_FEATURES), [], [], 0)
+    env = settings_env(topics, STREAM_ML_REDIS_URL=url)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_ml",
+            "worker",
+            "features",
+            "--group",
+            group,
+            "--metrics-port",
+            "0",
+            "--label-wait",
+            "1",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_done(ds, group, [worker], timeout_s=60)
+    finally:
+        _stop([worker])
+    dead = read_topic(bootstrap, topics.topic_dead_letter, 1, timeout_s=5)
+    assert [reason_of(r.headers).split(":")[0] for r in dead] == ["label for unknown event 'orphan'"]
+
+    async def card() -> dict[str, float]:
+        client = aioredis.Redis.from_url(url)
+        try:
+            store = FeatureStore(client, FRAUD_FEATURES)
+            state = (await store.load([("card", "c1")]))[("card", "c1")]
+            return dict(
+                zip(
+                    [f.name for f in store.layouts["card"].features],
+                    store.layouts["card"].read(state, START + 2),
+                    strict=True,
+                )
+            )
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(card())["card_frauds_30d"] == 1.0  # the label that waited behind it still counts
