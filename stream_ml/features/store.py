@@ -17,7 +17,7 @@ import msgpack
 import redis
 import redis.asyncio as aioredis
 
-from stream_ml.features.definitions import ENTITIES, FeatureSet
+from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, layouts
 
 EntityKey = tuple[str, str]  # (entity type, id)
@@ -71,32 +71,6 @@ class FeatureStore:
             for k, blob in zip(keys, blobs, strict=True)
         }
 
-    async def save(
-        self,
-        states: Mapping[EntityKey, EntityState],
-        events: Mapping[str, tuple[str, str, str | None]] | None = None,
-        plain: Mapping[str, bytes | str | int] | None = None,
-    ) -> None:
-        """Write states, event index entries and ``plain`` keys (no TTL) in one round trip.
-
-        One server-side script sets every key with its TTL: a pipeline of SET commands costs
-        redis-py ~50 µs a command, this costs it a few µs a key. (On Redis Cluster the keys of a
-        script must share a slot: a cluster client must group them by slot first.)
-        """
-        by_entity: dict[str, dict[str, EntityState]] = {}
-        for (entity, entity_id), state in states.items():
-            by_entity.setdefault(entity, {})[entity_id] = state
-        await self.save_grouped(by_entity, events, plain)
-
-    async def save_grouped(
-        self,
-        states: Mapping[str, Mapping[str, EntityState]],
-        events: Mapping[str, tuple[str, str, str | None]] | None = None,
-        plain: Mapping[str, bytes | str | int] | None = None,
-    ) -> None:
-        """:meth:`save`, the states given by entity type, then id (encoded a type at a time)."""
-        await self.write(self.prepare(states, events, plain))
-
     def prepare(
         self,
         states: Mapping[str, Mapping[str, EntityState]],
@@ -124,7 +98,12 @@ class FeatureStore:
         return (len(keys), *keys, n_states, len(events), self.ttl_ms, self.label_horizon_ms, *values)
 
     async def write(self, prepared: tuple | None) -> None:
-        """Send a write made by :meth:`prepare`: one round trip, one server-side script."""
+        """Send a write made by :meth:`prepare`: one round trip, one server-side script.
+
+        The script sets every key with its TTL: a pipeline of SET commands costs redis-py ~50 µs a
+        command, this costs a few µs a key. (On Redis Cluster the keys of a script must share a
+        slot: a cluster client must group them by slot first.)
+        """
         if prepared is None:
             return
         try:
@@ -154,8 +133,3 @@ class FeatureStore:
         wanted = [(e, i) for e, i in ids.items() if i is not None and e in self.layouts]
         loaded = await self.load(wanted)
         return {e: loaded.get((e, i)) if i is not None else None for e, i in ids.items()}
-
-
-def entity_ids_of(fields: Mapping[str, object]) -> dict[str, str | None]:
-    """Entity type -> id, from a mapping of transaction fields."""
-    return {entity: fields.get(field) for entity, field in ENTITIES.items()}  # type: ignore[misc]
