@@ -32,7 +32,7 @@ import numpy as np
 from stream_ml.features.definitions import TILES, Feature, FeatureSet
 
 SLOT = 5  # tile index, count, sum, min, max
-STATE_FORMAT = 4
+STATE_FORMAT = 5
 DISTINCT_CAP = 1024  # distinct counts saturate here: the state of a busy entity stays small
 _PRUNE_ABOVE = 16
 # An update, as the worker carries it: [entity id, source code, source partition ("transactions:3"),
@@ -44,7 +44,7 @@ _INF = math.inf
 @dataclass(slots=True)
 class EntityState:
     tiles: array  # per numeric series, TILES slots of SLOT doubles
-    distinct: list[dict[str, int]]  # per distinct series: value -> last tile index seen
+    distinct: list[dict[str, int]]  # per distinct field: value -> the last event time it was seen
     last: list[int]  # per source with a since_last feature: latest event time (ms), -1 if none
     offsets: dict[str, int]  # source partition ("transactions:3", "labels:0") -> last offset applied
 
@@ -59,9 +59,11 @@ class _Numeric:
 
 @dataclass(frozen=True, slots=True)
 class _Distinct:
+    """The values of one field, each with the time it was last seen; every window of it reads them."""
+
     source: str
     field: str
-    tile_ms: int
+    window_ms: int  # the longest window reading it: older values are pruned
     index: int
 
 
@@ -78,8 +80,11 @@ class Layout:
         # Fields first: a count then reads the tiles of any field with its source and window.
         for f in sorted(features, key=lambda f: f.agg == "count"):
             if f.agg == "distinct":
-                key = (f.source, f.field, f.tile_ms)
-                distinct.setdefault(key, _Distinct(f.source, f.field, f.tile_ms, len(distinct)))  # type: ignore[arg-type]
+                key = (f.source, f.field)
+                held = distinct.get(key)
+                index = held.index if held else len(distinct)
+                window = max(f.window_ms, held.window_ms if held else 0)
+                distinct[key] = _Distinct(f.source, f.field, window, index)  # type: ignore[arg-type]
             elif f.agg == "since_last":
                 last.setdefault(f.source, len(last))
             else:
@@ -120,9 +125,7 @@ class Layout:
                 fi = UPDATE_VALUES + fields.index(s.field) if s.field else None
                 numeric.append((s.base, s.tile_ms, fi, "min" in aggs, "max" in aggs))
         distinct = [
-            (s.index, s.tile_ms, UPDATE_VALUES + fields.index(s.field))
-            for s in self._distinct
-            if s.source == source
+            (s.index, UPDATE_VALUES + fields.index(s.field)) for s in self._distinct if s.source == source
         ]
         return numeric, distinct, self._last.get(source)
 
@@ -166,13 +169,12 @@ class Layout:
                 tiles[i + 3] = v
                 tiles[i + 4] = v
             # else: a full window older than the slot's tile, outside every window
-        for index, tile_ms, fi in distinct:
+        for index, fi in distinct:
             value = update[fi]
             if value is not None:
                 seen = state.distinct[index]
-                k = t // tile_ms
-                if seen.get(value, -1) < k:
-                    seen[value] = k
+                if seen.get(value, -1) < t:
+                    seen[value] = t
         if last is not None and t > state.last[last]:
             state.last[last] = t
         return True
@@ -198,11 +200,13 @@ class Layout:
 
             return since_last
         if f.agg == "distinct":
-            d = distinct[(f.source, f.field, f.tile_ms)]
+            index, tile_ms = distinct[(f.source, f.field)].index, f.tile_ms
 
             def count_distinct(state: EntityState, t: int) -> float:
-                k = t // d.tile_ms
-                return float(sum(1 for seen in state.distinct[d.index].values() if k - TILES < seen <= k))
+                k = t // tile_ms
+                return float(
+                    sum(1 for seen in state.distinct[index].values() if k - TILES < seen // tile_ms <= k)
+                )
 
             return count_distinct
         s = series[f.name]
@@ -236,9 +240,9 @@ class Layout:
         if state is None or value is None:
             return False
         for d in self._distinct:
-            if (d.source, d.field, d.tile_ms) == (feature.source, feature.field, feature.tile_ms):
-                k = t // d.tile_ms
-                return k - TILES < state.distinct[d.index].get(value, -1 << 62) <= k
+            if (d.source, d.field) == (feature.source, feature.field) and feature.agg == "distinct":
+                k = t // feature.tile_ms
+                return k - TILES < state.distinct[d.index].get(value, -1 << 62) // feature.tile_ms <= k
         raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
 
     # -- storing --------------------------------------------------------------------------
@@ -290,8 +294,8 @@ class Layout:
         for d in self._distinct:
             seen = state.distinct[d.index]
             if len(seen) > _PRUNE_ABOVE:
-                newest = max(seen.values())
-                state.distinct[d.index] = seen = {v: k for v, k in seen.items() if k > newest - TILES}
+                oldest = max(seen.values()) - d.window_ms  # older is outside every window of the field
+                state.distinct[d.index] = seen = {v: ts for v, ts in seen.items() if ts > oldest}
                 if len(seen) > DISTINCT_CAP:
                     state.distinct[d.index] = dict(sorted(seen.items(), key=lambda kv: kv[1])[-DISTINCT_CAP:])
 

@@ -98,6 +98,7 @@ class FeatureWorker:
         self._owned: dict[TopicPartition, dict[str, EntityState]] = {}
         self._cached = 0
         self._writing: asyncio.Future | None = None  # the write and commit of the last batch
+        self._partition_of_id: dict[str, dict[str, int]] = {}  # entity topic -> entity id -> partition
         self.processed = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -299,6 +300,7 @@ class FeatureWorker:
             src = f"{tp.topic}:{tp.partition}"
             watermark = self._watermarks.get(tp, _NO_WATERMARK)
             last_done = None
+            routed = 0
             while queue:
                 record, label, arrived = queue[0]
                 entities = known.get(label.event_id)
@@ -327,7 +329,8 @@ class FeatureWorker:
                     entity_id = entities[position]
                     if entity_id is not None:
                         updates[topic].append([entity_id, 1, src, record.offset, t, *values(label)])
-                metrics.EVENTS.labels(tp.topic, "applied").inc()
+                routed += 1
+            metrics.EVENTS.labels(tp.topic, "applied").inc(routed)
             self._watermarks[tp] = watermark
             if not queue and tp in self._fetched_end:
                 commit[tp] = self._fetched_end.pop(tp)  # all fetched, dead letters included, is done
@@ -341,8 +344,14 @@ class FeatureWorker:
 
     async def _publish_updates(self, topic: str, entity_updates: list[Update]) -> None:
         by_partition: dict[int, list[Update]] = defaultdict(list)
+        known = self._partition_of_id.setdefault(topic, {})
         for u in entity_updates:
-            by_partition[self._out.partition_of(topic, u[0].encode())].append(u)
+            partition = known.get(u[0])
+            if partition is None:
+                if len(known) > 1_000_000:
+                    known.clear()
+                partition = known[u[0]] = self._out.partition_of(topic, u[0].encode())
+            by_partition[partition].append(u)
         for partition, items in by_partition.items():
             for i in range(0, len(items), UPDATES_PER_RECORD):
                 chunk = msgpack.packb(items[i : i + UPDATES_PER_RECORD], use_bin_type=True)
