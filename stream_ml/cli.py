@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from stream_ml import __version__, config
 from stream_ml.events import cli as events_cli
 from stream_ml.features import cli as features_cli
+from stream_ml.serving import cli as serving_cli
 from stream_ml.stack import cli as stack_cli
 
 # Errors that are the user's to fix: printed as one line that says what to do, no traceback.
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack_cli.register(commands)
     events_cli.register(commands)
     features_cli.register(commands)
+    serving_cli.register(commands)
     return parser
 
 

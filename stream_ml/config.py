@@ -31,10 +31,12 @@ def _default_state_dir() -> Path:
     return Path(base) / "stream-ml"
 
 
-def _setting(default: Any = None, *, help: str, factory: Any = None) -> Any:
+def _setting(default: Any = None, *, help: str, factory: Any = None, secret: bool = False) -> Any:
+    # A secret has no flag: command lines show in process lists, the environment does not.
+    metadata = {"help": help, "secret": secret}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,9 @@ class Settings:
     topic_drift: str = _setting("drift", help="Topic of drift reports.")
     topic_dead_letter: str = _setting("dead-letter", help="Topic of rejected messages, with the reason.")
     feature_set: str = _setting("fraud", help="Name of the feature set the workers and the scorer use.")
+    api_keys: str | None = _setting(
+        help="Comma-separated API keys the scorer accepts (environment only).", secret=True
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -109,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each also read from its STREAM_ML_* variable)")
     hints = get_type_hints(Settings)
     for f in dataclasses.fields(Settings):
+        if f.metadata["secret"]:
+            continue
         base = _base_type(hints[f.name])
         group.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -1,0 +1,1 @@
+"""The HTTP scorer: features from the online store, a micro-batched PyTorch model, a decision."""

@@ -1,0 +1,425 @@
+"""`stream-ml serve`: POST /score → features from Redis → micro-batched model → decision.
+
+Every request is authenticated (API key), size-limited and rate-limited before it queues. A batch
+reads the features of all its requests in one Redis round trip, bounded by a timeout: when Redis
+is slow or down the batch is scored on request-time features only and answered with
+``degraded: true`` (or 503 when degraded answers are switched off). Nothing waits without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from stream_ml.events.codec import InvalidMessage
+from stream_ml.events.transaction import Transaction, validate_transaction
+from stream_ml.features.definitions import FeatureSet
+from stream_ml.features.store import FeatureStore
+from stream_ml.features.vector import VectorBuilder
+from stream_ml.serving import metrics
+from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
+from stream_ml.serving.model import ScoringModel, default_model
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    api_keys: tuple[str, ...] = ()
+    auth: bool = True
+    max_batch: int = 64
+    max_queue: int = 2048
+    deadline_ms: float = 50.0
+    review_threshold: float = 0.5
+    decline_threshold: float = 0.9
+    redis_timeout_ms: float = 20.0
+    degraded_ok: bool = True  # False: answer 503 when features cannot be read
+    max_body_bytes: int = 64 * 1024
+    rate_per_key: float = 5000.0  # requests per second per API key (token bucket)
+    max_transactions_per_call: int = 256
+
+
+@dataclass(slots=True)
+class Scored:
+    score: float
+    decision: str
+    reasons: list[tuple[str, float]]
+    model_version: str
+    degraded: bool
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class Scorer:
+    """Features, model and batcher; the HTTP layer only parses, checks and answers."""
+
+    def __init__(
+        self,
+        feature_set: FeatureSet,
+        redis_url: str,
+        options: ServeOptions,
+        model: ScoringModel | None = None,
+    ) -> None:
+        self.options = options
+        self.builder = VectorBuilder(feature_set)
+        self.model = model or default_model(feature_set)
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.store = FeatureStore(self._redis, feature_set)
+        self.batcher: MicroBatcher[Transaction, Scored] = MicroBatcher(
+            self._score_batch,
+            max_batch=options.max_batch,
+            max_queue=options.max_queue,
+            on_batch=metrics.observe_batch,
+        )
+        self.ready = False
+
+    async def start(self) -> None:
+        self.batcher.start()
+        # Warm every batch size bucket the batcher can form before saying ready.
+        probe = Transaction("warmup", 1_700_000_000_000, "c", "m", 1.0, "EUR", "FR", "pos", None)
+        size = 1
+        while size <= self.options.max_batch:
+            self.model.score([self.builder.build({}, probe, probe.event_time)] * size)
+            size *= 2
+        gc.collect()
+        gc.freeze()  # torch leaves ~175k objects: a full collection of them would be the p99
+        self.ready = True
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self._redis.aclose()
+
+    async def _score_batch(self, txs: list[Transaction]) -> list[Scored]:
+        ids = [self.builder.entity_ids(tx) for tx in txs]
+        keys = {(e, i) for entity_ids in ids for e, i in entity_ids.items() if i is not None}
+        started = time.perf_counter()
+        degraded = False
+        try:
+            loaded = await asyncio.wait_for(self.store.load(keys), self.options.redis_timeout_ms / 1000)
+        except (TimeoutError, redis.exceptions.RedisError, OSError):
+            if not self.options.degraded_ok:
+                raise HTTPError(
+                    503, "the online feature store does not answer; retry shortly", {"Retry-After": "1"}
+                ) from None
+            loaded, degraded = {}, True
+            metrics.DEGRADED.inc(len(txs))
+        metrics.FEATURE_SECONDS.observe(time.perf_counter() - started)
+        vectors = [
+            self.builder.build(
+                {e: loaded.get((e, i)) for e, i in entity_ids.items() if i is not None}, tx, tx.event_time
+            )
+            for tx, entity_ids in zip(txs, ids, strict=True)
+        ]
+        started = time.perf_counter()
+        scores, reasons = self.model.score(vectors)
+        metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
+        o = self.options
+        return [
+            Scored(
+                s,
+                "decline" if s >= o.decline_threshold else "review" if s >= o.review_threshold else "approve",
+                r,
+                self.model.version,
+                degraded,
+            )
+            for s, r in zip(scores, reasons, strict=True)
+        ]
+
+
+class RateLimiter:
+    """A token bucket per API key: ``rate`` a second, bursts up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str) -> float:
+        """0 if allowed, else the seconds until a token is free."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - then) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+def create_app(scorer: Scorer) -> Starlette:
+    options = scorer.options
+    limiter = RateLimiter(options.rate_per_key)
+    keys = [k.encode() for k in options.api_keys]
+
+    def authenticate(request: Request) -> str:
+        if not options.auth:
+            return "anonymous"
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
+            "Bearer "
+        )
+        # compare with every key, always: the time taken tells nothing about which matched
+        matched = [hmac.compare_digest(given.encode(), k) for k in keys]
+        if not given or not any(matched):
+            raise HTTPError(
+                401,
+                "missing or unknown API key: send it in the X-API-Key header",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return given
+
+    async def read_body(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
+            raise HTTPError(413, f"body of {declared} bytes is over the limit of {options.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > options.max_body_bytes:
+                raise HTTPError(413, f"body is over the limit of {options.max_body_bytes} bytes")
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        msgpack_body = kind in ("application/msgpack", "application/x-msgpack")
+        try:
+            # Anything but msgpack is read as JSON: `curl -d` sends JSON labelled as a form.
+            return msgpack.unpackb(bytes(body), raw=False) if msgpack_body else json.loads(body)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            what = "msgpack" if msgpack_body else "JSON (or send Content-Type: application/msgpack)"
+            raise HTTPError(400, f"body is not valid {what}: {exc}") from None
+
+    def check(request: Request) -> None:
+        key = authenticate(request)
+        wait = limiter.allow(key)
+        if wait:
+            metrics.REJECTED.labels("rate_limit").inc()
+            raise HTTPError(
+                429, "rate limit of this API key reached", {"Retry-After": f"{max(wait, 0.001):.3f}"}
+            )
+
+    def deadline(request: Request, started: float) -> float:
+        asked = request.headers.get("x-deadline-ms")
+        ms = options.deadline_ms
+        if asked:
+            try:
+                ms = min(float(asked), options.deadline_ms)
+            except ValueError:
+                raise HTTPError(422, f"header X-Deadline-Ms: expected milliseconds, got {asked!r}") from None
+        return started + ms / 1000
+
+    async def score_one(fields: Any, until: float, started: float) -> dict[str, Any]:
+        if not isinstance(fields, dict):
+            raise HTTPError(422, "expected a transaction object")
+        try:
+            tx = validate_transaction(fields)
+        except InvalidMessage as exc:
+            raise HTTPError(422, str(exc)) from None
+        try:
+            result = await scorer.batcher.submit(tx, until)
+        except Overloaded as exc:
+            metrics.REJECTED.labels("overload").inc()
+            raise HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"}) from None
+        except DeadlineExceeded:
+            metrics.REJECTED.labels("deadline").inc()
+            raise HTTPError(503, "deadline passed before scoring", {"Retry-After": "0.05"}) from None
+        return {
+            "event_id": tx.event_id,
+            "score": result.score,
+            "decision": result.decision,
+            "model_version": result.model_version,
+            "reasons": [{"feature": name, "value": value} for name, value in result.reasons],
+            "features_as_of": tx.event_time,
+            "degraded": result.degraded,
+            "latency_ms": round((time.monotonic() - started) * 1000, 3),
+        }
+
+    async def score(request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            check(request)
+            body = await read_body(request)
+            answer = await score_one(body, deadline(request, started), started)
+        except HTTPError as exc:
+            return _error(exc)
+        metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        return JSONResponse(answer)
+
+    async def score_batch(request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            check(request)
+            body = await read_body(request)
+            if not isinstance(body, list) or not body or len(body) > options.max_transactions_per_call:
+                raise HTTPError(
+                    422, f"expected a list of 1 to {options.max_transactions_per_call} transactions"
+                )
+            until = deadline(request, started)
+            answers = await asyncio.gather(
+                *(score_one(f, until, started) for f in body), return_exceptions=True
+            )
+        except HTTPError as exc:
+            return _error(exc)
+        results = [
+            a if not isinstance(a, HTTPError) else {"error": str(a), "status": a.status} for a in answers
+        ]
+        for a in answers:
+            if isinstance(a, Exception) and not isinstance(a, HTTPError):
+                raise a
+        metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        return JSONResponse({"results": results})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not scorer.ready:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model_version": scorer.model.version,
+                "feature_set": scorer.model.feature_set,
+            }
+        )
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(_openapi(scorer.builder.names))
+
+    return Starlette(
+        routes=[
+            Route("/score", score, methods=["POST"]),
+            Route("/score/batch", score_batch, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", prometheus),
+            Route("/openapi.json", openapi),
+        ],
+        lifespan=lambda app: _lifespan(scorer),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(scorer: Scorer) -> AsyncIterator[None]:
+    await scorer.start()
+    try:
+        yield
+    finally:
+        await scorer.stop()
+
+
+def _error(exc: HTTPError) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+
+def _openapi(feature_names: list[str]) -> dict[str, Any]:
+    transaction = {
+        "type": "object",
+        "required": [
+            "event_id",
+            "event_time",
+            "card_id",
+            "merchant_id",
+            "amount",
+            "currency",
+            "country",
+            "channel",
+        ],
+        "properties": {
+            "event_id": {"type": "string"},
+            "event_time": {"type": "integer", "description": "ms since epoch"},
+            "card_id": {"type": "string"},
+            "merchant_id": {"type": "string"},
+            "amount": {"type": "number"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "country": {"type": "string", "pattern": "^[A-Z]{2}$"},
+            "channel": {"type": "string"},
+            "device_id": {"type": ["string", "null"]},
+        },
+        "additionalProperties": True,
+    }
+    answer = {
+        "type": "object",
+        "properties": {
+            "event_id": {"type": "string"},
+            "score": {"type": "number"},
+            "decision": {"enum": ["approve", "review", "decline"]},
+            "model_version": {"type": "string"},
+            "reasons": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"feature": {"enum": feature_names}, "value": {"type": "number"}},
+                },
+            },
+            "features_as_of": {"type": "integer"},
+            "degraded": {"type": "boolean"},
+            "latency_ms": {"type": "number"},
+        },
+    }
+    errors = {
+        str(code): {"description": text}
+        for code, text in [
+            (401, "missing or unknown API key"),
+            (413, "body too large"),
+            (415, "unsupported content type"),
+            (422, "invalid transaction: the message names the field"),
+            (429, "rate limit; see Retry-After"),
+            (503, "overloaded, deadline or feature store down; see Retry-After"),
+        ]
+    }
+    body = {
+        "content": {
+            "application/json": {"schema": transaction},
+            "application/msgpack": {"schema": transaction},
+        }
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "stream-ml scorer", "version": "1"},
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        },
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/score": {
+                "post": {
+                    "requestBody": body,
+                    "responses": {
+                        "200": {"description": "scored", "content": {"application/json": {"schema": answer}}},
+                        **errors,
+                    },
+                }
+            },
+            "/score/batch": {
+                "post": {
+                    "requestBody": {
+                        "content": {"application/json": {"schema": {"type": "array", "items": transaction}}}
+                    },
+                    "responses": {"200": {"description": "scored"}, **errors},
+                }
+            },
+            "/healthz": {"get": {"responses": {"200": {"description": "alive"}}}},
+            "/readyz": {
+                "get": {"responses": {"200": {"description": "ready"}, "503": {"description": "warming up"}}}
+            },
+            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus metrics"}}}},
+        },
+    }

@@ -1,0 +1,134 @@
+"""Dynamic micro-batching: requests queue, and a batch leaves as soon as the model is free.
+
+No fixed wait: at low load a batch is one request; under load, whatever queued while the
+previous batch ran goes together (up to ``max_batch``). A cost model (``a·n + b`` seconds for a
+batch of n, learned as it runs, as BentoML does) tells at submission whether a request can still
+meet its deadline; if not, it is refused at once (the caller answers 503 with Retry-After) rather
+than queued to time out. Requests whose deadline passed while queued are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Overloaded(Exception):
+    """The request cannot be served within its deadline; ``retry_after_s`` is a fair wait."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    item: Item
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class CostModel:
+    """Seconds for a batch of n: a·n + b, fitted by exponential moving averages."""
+
+    per_item_s: float = 0.0002
+    fixed_s: float = 0.002
+    alpha: float = 0.05
+
+    def predict(self, n: int) -> float:
+        return self.fixed_s + self.per_item_s * n
+
+    def observe(self, n: int, seconds: float) -> None:
+        error = seconds - self.predict(n)
+        self.fixed_s = max(self.fixed_s + self.alpha * error * 0.5, 0.0)
+        self.per_item_s = max(self.per_item_s + self.alpha * error * 0.5 / max(n, 1), 0.0)
+
+
+class MicroBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Item]], Awaitable[list[Result]]],
+        max_batch: int = 64,
+        max_queue: int = 2048,
+        on_batch: Callable[[int, float, float], None] | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.cost = CostModel()
+        self._queue: deque[_Pending[Item, Result]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._on_batch = on_batch  # (batch size, oldest queue wait s, run s): for metrics
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def expected_wait_s(self) -> float:
+        batches_ahead = len(self._queue) // self.max_batch + 1
+        return batches_ahead * self.cost.predict(self.max_batch if self._queue else 1)
+
+    async def submit(self, item: Item, deadline_s: float) -> Result:
+        """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time."""
+        now = time.monotonic()
+        wait = self.expected_wait_s()
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded("queue full", retry_after_s=max(wait, 0.01))
+        if now + wait > deadline_s:
+            raise Overloaded("the deadline cannot be met at the current load", retry_after_s=max(wait, 0.01))
+        pending: _Pending[Item, Result] = _Pending(item, deadline_s)
+        self._queue.append(pending)
+        self._wake.set()
+        return await pending.future
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            now = time.monotonic()
+            batch: list[_Pending[Item, Result]] = []
+            while self._queue and len(batch) < self.max_batch:
+                p = self._queue.popleft()
+                if p.deadline < now:
+                    if not p.future.done():
+                        p.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                    continue
+                batch.append(p)
+            if not batch:
+                continue
+            started = time.monotonic()
+            try:
+                results = await self._run_batch([p.item for p in batch])
+            except Exception as exc:  # one bad batch fails its requests, not the server
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            took = time.monotonic() - started
+            self.cost.observe(len(batch), took)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), started - min(p.enqueued for p in batch), took)
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)

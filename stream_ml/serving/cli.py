@@ -1,0 +1,97 @@
+"""`stream-ml serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from stream_ml.config import Settings, add_arguments, env_name
+from stream_ml.features import feature_set
+from stream_ml.serving.app import ServeOptions
+from stream_ml.stack import redis_url
+
+log = logging.getLogger("stream_ml.serve")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    d = ServeOptions()
+    serve = commands.add_parser(
+        "serve",
+        help="the HTTP scorer (POST /score)",
+        description="Score transactions over HTTP: features from Redis, a micro-batched PyTorch model "
+        f"(GPU when there is one). Callers send an API key from {env_name('api_keys')}.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=d.max_batch, help="largest model batch")
+    serve.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=d.deadline_ms,
+        help="answer within this (a call may ask for less with X-Deadline-Ms)",
+    )
+    serve.add_argument("--review-threshold", type=float, default=d.review_threshold, help="score for review")
+    serve.add_argument(
+        "--decline-threshold", type=float, default=d.decline_threshold, help="score for decline"
+    )
+    serve.add_argument(
+        "--redis-timeout-ms",
+        type=float,
+        default=d.redis_timeout_ms,
+        help="longest wait for features; then the answer is degraded (request features only)",
+    )
+    serve.add_argument("--no-degraded", action="store_true", help="answer 503 instead of a degraded score")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (413)"
+    )
+    serve.add_argument(
+        "--rate-limit", type=float, default=d.rate_per_key, help="requests/s per API key (429)"
+    )
+    serve.add_argument(
+        "--no-auth", action="store_true", help="accept calls without an API key (local tests only)"
+    )
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from stream_ml.serving.app import Scorer, create_app
+
+    keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
+    if not keys and not args.no_auth:
+        raise ValueError(
+            f"no API keys: set {env_name('api_keys')}=key1,key2 (or pass --no-auth for a local test)"
+        )
+    options = ServeOptions(
+        api_keys=keys,
+        auth=not args.no_auth,
+        max_batch=args.max_batch,
+        deadline_ms=args.deadline_ms,
+        review_threshold=args.review_threshold,
+        decline_threshold=args.decline_threshold,
+        redis_timeout_ms=args.redis_timeout_ms,
+        degraded_ok=not args.no_degraded,
+        max_body_bytes=args.max_body_bytes,
+        rate_per_key=args.rate_limit,
+    )
+    scorer = Scorer(feature_set(settings.feature_set), redis_url(settings), options)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info(
+        "scoring on http://%s:%d with model %s on %s",
+        args.host,
+        args.port,
+        scorer.model.version,
+        scorer.model.device,
+    )
+    uvicorn.run(
+        create_app(scorer),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+    return 0

@@ -1,0 +1,34 @@
+"""Prometheus metrics of the scorer (units in the names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+
+REQUEST_SECONDS = Histogram(
+    "stream_ml_score_request_seconds", "Time to answer a scoring call.", buckets=_LATENCY
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "stream_ml_score_queue_wait_seconds", "Longest wait in the queue of each batch.", buckets=_LATENCY
+)
+BATCH_SIZE = Histogram(
+    "stream_ml_score_batch_size_requests",
+    "Requests per model batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_SECONDS = Histogram("stream_ml_score_batch_seconds", "Time to score one batch.", buckets=_LATENCY)
+FEATURE_SECONDS = Histogram(
+    "stream_ml_score_feature_fetch_seconds", "Time to read a batch's features from Redis.", buckets=_LATENCY
+)
+MODEL_SECONDS = Histogram("stream_ml_score_model_seconds", "Time of the model on a batch.", buckets=_LATENCY)
+REJECTED = Counter("stream_ml_score_rejected_total", "Calls refused, by reason.", ["reason"])
+DEGRADED = Counter(
+    "stream_ml_score_degraded_total", "Transactions scored without stored features (store slow or down)."
+)
+
+
+def observe_batch(size: int, queue_wait_s: float, run_s: float) -> None:
+    BATCH_SIZE.observe(size)
+    QUEUE_WAIT_SECONDS.observe(queue_wait_s)
+    BATCH_SECONDS.observe(run_s)

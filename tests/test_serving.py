@@ -1,0 +1,280 @@
+"""`stream-ml serve` as a real server process, against the real Redis of the session stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+from helpers import REPO, free_port
+
+from stream_ml.config import ENV_PREFIX, Settings
+from stream_ml.events import Transaction
+from stream_ml.features import FRAUD_FEATURES
+from stream_ml.features.state import layouts
+from stream_ml.features.store import FeatureStore
+from stream_ml.features.vector import VectorBuilder
+from stream_ml.serving.model import default_model
+from stream_ml.stack import redis_url
+
+T = 1_780_000_000_000
+KEY = "test-key-1"
+TX = {
+    "event_id": "e1",
+    "event_time": T,
+    "card_id": "card-s1",
+    "merchant_id": "m-s1",
+    "amount": 420.0,
+    "currency": "EUR",
+    "country": "FR",
+    "channel": "ecom",
+    "device_id": "dev-s1",
+}
+
+
+class Server:
+    def __init__(self, redis: str, *extra: str, keys: str = KEY) -> None:
+        import os
+
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env |= {"STREAM_ML_REDIS_URL": redis, "STREAM_ML_API_KEYS": keys}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_ml", "serve", "--port", str(self.port), *extra],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the scorer did not become ready")
+
+    def request(
+        self, path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                return (
+                    r.status,
+                    (json.loads(raw) if raw[:1] in b"{[" else {"text": raw.decode()}),
+                    dict(r.headers),
+                )
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), dict(e.headers)
+
+    def get(self, path: str) -> tuple[int, dict, dict]:
+        return self.request(path)
+
+    def score(self, tx: dict, key: str | None = KEY, **headers: str) -> tuple[int, dict, dict]:
+        h = {"Content-Type": "application/json", **headers}
+        if key is not None:
+            h["X-API-Key"] = key
+        return self.request("/score", json.dumps(tx).encode(), h)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _store_card_history(url: str) -> None:
+    """Two earlier payments of the card, written as the feature worker would."""
+
+    async def write() -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.flushdb()
+            store = FeatureStore(client, FRAUD_FEATURES)
+            card = layouts(FRAUD_FEATURES)["card"]
+            state = card.new()
+            for i, amount in enumerate((20.0, 40.0)):
+                card.apply(
+                    state,
+                    "transactions",
+                    T - 3_600_000 + i * 60_000,
+                    (amount, "m-old", "dev-s1", "FR"),
+                    "transactions:0",
+                    i,
+                )
+            await store.write(store.prepare({"card": {"card-s1": state}}))
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+
+
+@pytest.fixture(scope="module")
+def store_url(stack: Settings) -> str:
+    url = redis_url(stack).rsplit("/", 1)[0] + "/5"
+    _store_card_history(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def server(store_url: str):
+    s = Server(store_url, "--rate-limit", "100000")
+    yield s
+    s.stop()
+
+
+def test_a_score_uses_the_stored_features_and_the_one_vector_function(server: Server, store_url: str):
+    status, answer, _ = server.score(TX)
+    assert status == 200, answer
+    # the same computation, in process: stored state -> vector -> the same deterministic model
+    builder = VectorBuilder(FRAUD_FEATURES)
+
+    async def states() -> dict:
+        client = aioredis.Redis.from_url(store_url)
+        try:
+            return await FeatureStore(client, FRAUD_FEATURES).entity_states(
+                builder.entity_ids(Transaction(**TX))
+            )
+        finally:
+            await client.aclose()
+
+    tx = Transaction(**TX)
+    vector = builder.build(asyncio.run(states()), tx, tx.event_time)
+    assert vector[builder.names.index("card_amount_mean_30d")] == 30.0  # the history was read
+    expected, _ = default_model(FRAUD_FEATURES).score([vector])
+    assert answer["score"] == pytest.approx(expected[0], rel=1e-5)
+    assert answer["decision"] in ("approve", "review", "decline") and answer["degraded"] is False
+    assert answer["event_id"] == "e1" and answer["features_as_of"] == T and len(answer["reasons"]) <= 3
+    assert {r["feature"] for r in answer["reasons"]} <= set(builder.names)
+
+
+def test_msgpack_and_bearer_are_accepted(server: Server):
+    status, answer, _ = server.request(
+        "/score", msgpack.packb(TX), {"Content-Type": "application/msgpack", "Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 200 and answer["event_id"] == "e1"
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key", ""])
+def test_callers_without_a_valid_key_get_401(server: Server, key):
+    status, answer, _ = server.score(TX, key=key)
+    assert status == 401 and "API key" in answer["error"]
+
+
+def test_bad_input_gets_a_clear_4xx(server: Server):
+    status, answer, _ = server.score({**TX, "amount": "abc"})
+    assert (status, answer["error"]) == (422, "field amount: expected number, got 'abc'")
+    status, answer, _ = server.request("/score", b"{not json", {"X-API-Key": KEY})
+    assert status == 400 and "not valid JSON" in answer["error"]
+    status, answer, _ = server.request("/score", b"x" * 70_000, {"X-API-Key": KEY})
+    assert status == 413
+
+
+def test_batch_answers_each_transaction(server: Server):
+    body = [{**TX, "event_id": f"b{i}"} for i in range(10)] + [{**TX, "event_id": "bad", "currency": "eur"}]
+    status, answer, _ = server.request("/score/batch", json.dumps(body).encode(), {"X-API-Key": KEY})
+    assert status == 200
+    results = answer["results"]
+    assert [r.get("event_id") for r in results[:10]] == [f"b{i}" for i in range(10)]
+    assert results[10] == {"error": "field currency: expected 3 upper-case letters, got 'eur'", "status": 422}
+
+
+def _batch_totals(server: Server) -> tuple[float, float]:
+    lines = server.get("/metrics")[1]["text"].splitlines()
+
+    def value(name: str) -> float:
+        return float(next(line.split()[-1] for line in lines if line.startswith(name)))
+
+    return value("stream_ml_score_batch_size_requests_count"), value(
+        "stream_ml_score_batch_size_requests_sum"
+    )
+
+
+def test_concurrent_calls_are_micro_batched(server: Server):
+    """64 calls sent at once on their own connections: they are scored in fewer model batches."""
+    batches_before, requests_before = _batch_totals(server)
+
+    async def burst() -> list[bytes]:
+        async def call(i: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            body = json.dumps({**TX, "event_id": f"c{i}"}).encode()
+            writer.write(
+                b"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        return await asyncio.gather(*(call(i) for i in range(64)))
+
+    answers = asyncio.run(burst())
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), [
+        a[:60] for a in answers if b" 200" not in a[:15]
+    ]
+    batches, requests = _batch_totals(server)
+    assert requests - requests_before == 64
+    assert batches - batches_before < 64, "calls that arrived together were never scored together"
+
+
+def test_openapi_and_health(server: Server):
+    status, doc, _ = server.get("/openapi.json")
+    assert status == 200 and "/score" in doc["paths"] and doc["components"]["securitySchemes"]
+    assert server.get("/healthz")[0] == 200
+
+
+def test_rate_limit_answers_429_with_retry_after(store_url: str):
+    s = Server(store_url, "--rate-limit", "5")
+    try:
+        statuses = [s.score(TX) for _ in range(20)]
+    finally:
+        s.stop()
+    limited = [a for a in statuses if a[0] == 429]
+    assert limited and all(float(a[2]["retry-after"]) > 0 for a in limited)
+    assert sum(a[0] == 200 for a in statuses) >= 5
+
+
+def test_redis_down_gives_degraded_scores_or_503_never_a_hang():
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    s = Server(down)
+    try:
+        started = time.monotonic()
+        status, answer, _ = s.score(TX)
+        assert status == 200 and answer["degraded"] is True
+        assert time.monotonic() - started < 2.0
+    finally:
+        s.stop()
+    strict = Server(down, "--no-degraded")
+    try:
+        status, answer, headers = strict.score(TX)
+        assert status == 503 and "retry-after" in headers and "feature store" in answer["error"]
+    finally:
+        strict.stop()
+
+
+def test_serve_refuses_to_start_without_api_keys(store_url: str):
+    import os
+
+    from helpers import run_cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | {
+        "STREAM_ML_REDIS_URL": store_url
+    }
+    result = run_cli("serve", "--port", str(free_port()), env=env, timeout=30)
+    assert result.returncode == 2 and "STREAM_ML_API_KEYS" in result.stderr
