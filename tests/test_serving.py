@@ -40,15 +40,15 @@ TX = {
 
 
 class Server:
-    def __init__(self, redis: str, *extra: str, keys: str = KEY) -> None:
+    def __init__(self, redis: str, *extra: str, keys: str = KEY, env: dict | None = None) -> None:
         import os
 
         self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env |= {"STREAM_ML_REDIS_URL": redis, "STREAM_ML_API_KEYS": keys}
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        environment |= {"STREAM_ML_REDIS_URL": redis, "STREAM_ML_API_KEYS": keys, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_ml", "serve", "--port", str(self.port), *extra],
-            env=env,
+            env=environment,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -278,3 +278,52 @@ def test_serve_refuses_to_start_without_api_keys(store_url: str):
     }
     result = run_cli("serve", "--port", str(free_port()), env=env, timeout=30)
     assert result.returncode == 2 and "STREAM_ML_API_KEYS" in result.stderr
+
+
+def test_every_prediction_is_logged_with_the_vector_it_used(topics: Settings, store_url: str):
+    from helpers import read_topic
+
+    from stream_ml.events import decode_prediction
+    from stream_ml.stack import kafka_bootstrap
+
+    bootstrap = kafka_bootstrap(topics)
+    s = Server(
+        store_url,
+        env={"STREAM_ML_KAFKA_BOOTSTRAP": bootstrap, "STREAM_ML_TOPIC_PREDICTIONS": topics.topic_predictions},
+    )
+    try:
+        answers = {f"p{i}": s.score({**TX, "event_id": f"p{i}"})[1] for i in range(5)}
+    finally:
+        s.stop()
+    records = read_topic(bootstrap, topics.topic_predictions, 5)
+    logged = {r.key.decode(): decode_prediction(r.value) for r in records}
+    assert set(logged) == set(answers)
+    for event_id, p in logged.items():
+        assert (
+            p.score == pytest.approx(answers[event_id]["score"])
+            and p.decision == answers[event_id]["decision"]
+        )
+        assert len(p.features) == len(FRAUD_FEATURES.names) and p.variant == "production"
+        assert p.features[FRAUD_FEATURES.names.index("card_amount_mean_30d")] == 30.0  # the vector it saw
+
+
+def test_a_broker_down_never_holds_up_answers_and_drops_are_counted(store_url: str):
+    s = Server(
+        store_url, "--prediction-buffer", "2", env={"STREAM_ML_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    )
+    try:
+        started = time.monotonic()
+        statuses = [s.score({**TX, "event_id": f"d{i}"})[0] for i in range(6)]
+        took = time.monotonic() - started
+        metrics = s.get("/metrics")[1]["text"]
+    finally:
+        s.stop()
+    assert statuses == [200] * 6 and took < 3.0
+    dropped = float(
+        next(
+            line.split()[-1]
+            for line in metrics.splitlines()
+            if line.startswith("stream_ml_score_predictions_dropped_total")
+        )
+    )
+    assert dropped >= 4

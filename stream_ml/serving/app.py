@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from stream_ml.events.codec import InvalidMessage
+from stream_ml.events.prediction import Prediction
 from stream_ml.events.transaction import Transaction, validate_transaction
 from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.store import FeatureStore
@@ -35,6 +36,7 @@ from stream_ml.features.vector import VectorBuilder
 from stream_ml.serving import metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
 from stream_ml.serving.model import ScoringModel, default_model
+from stream_ml.serving.predictions import PredictionLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class ServeOptions:
     max_body_bytes: int = 64 * 1024
     rate_per_key: float = 5000.0  # requests per second per API key (token bucket)
     max_transactions_per_call: int = 256
+    prediction_buffer: int = 10_000
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class Scorer:
         redis_url: str,
         options: ServeOptions,
         model: ScoringModel | None = None,
+        predictions: PredictionLog | None = None,
     ) -> None:
         self.options = options
         self.builder = VectorBuilder(feature_set)
@@ -90,10 +94,13 @@ class Scorer:
             max_queue=options.max_queue,
             on_batch=metrics.observe_batch,
         )
+        self.predictions = predictions  # None: no broker configured, nothing logged
         self.ready = False
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.predictions is not None:
+            self.predictions.start()
         # Warm every batch size bucket the batcher can form before saying ready.
         probe = Transaction("warmup", 1_700_000_000_000, "c", "m", 1.0, "EUR", "FR", "pos", None)
         size = 1
@@ -106,6 +113,8 @@ class Scorer:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        if self.predictions is not None:
+            await self.predictions.stop()
         await self._redis.aclose()
 
     async def _score_batch(self, txs: list[Transaction]) -> list[Scored]:
@@ -133,7 +142,7 @@ class Scorer:
         scores, reasons = self.model.score(vectors)
         metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
         o = self.options
-        return [
+        scored = [
             Scored(
                 s,
                 "decline" if s >= o.decline_threshold else "review" if s >= o.review_threshold else "approve",
@@ -143,6 +152,24 @@ class Scorer:
             )
             for s, r in zip(scores, reasons, strict=True)
         ]
+        if self.predictions is not None:
+            served_at = int(time.time() * 1000)
+            for tx, result, vector in zip(txs, scored, vectors, strict=True):
+                self.predictions.offer(
+                    Prediction(
+                        tx.event_id,
+                        tx.event_time,
+                        result.score,
+                        result.decision,
+                        result.model_version,
+                        "production",
+                        self.model.feature_set,
+                        vector,
+                        served_at,
+                        degraded,
+                    )
+                )
+        return scored
 
 
 class RateLimiter:

@@ -8,7 +8,7 @@ import logging
 from stream_ml.config import Settings, add_arguments, env_name
 from stream_ml.features import feature_set
 from stream_ml.serving.app import ServeOptions
-from stream_ml.stack import redis_url
+from stream_ml.stack import NotConfigured, kafka_bootstrap, redis_url
 
 log = logging.getLogger("stream_ml.serve")
 
@@ -50,6 +50,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--no-auth", action="store_true", help="accept calls without an API key (local tests only)"
     )
+    serve.add_argument(
+        "--prediction-buffer",
+        type=int,
+        default=d.prediction_buffer,
+        help="predictions held for the log while the broker is slow; then dropped and counted",
+    )
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
@@ -58,6 +64,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from stream_ml.serving.app import Scorer, create_app
+    from stream_ml.serving.predictions import PredictionLog
 
     keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
     if not keys and not args.no_auth:
@@ -75,8 +82,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         degraded_ok=not args.no_degraded,
         max_body_bytes=args.max_body_bytes,
         rate_per_key=args.rate_limit,
+        prediction_buffer=args.prediction_buffer,
     )
-    scorer = Scorer(feature_set(settings.feature_set), redis_url(settings), options)
+    try:
+        predictions = PredictionLog(
+            kafka_bootstrap(settings), settings.topic_predictions, args.prediction_buffer
+        )
+    except NotConfigured as exc:
+        log.warning("no prediction log: %s", exc)
+        predictions = None
+    scorer = Scorer(feature_set(settings.feature_set), redis_url(settings), options, predictions=predictions)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info(
         "scoring on http://%s:%d with model %s on %s",

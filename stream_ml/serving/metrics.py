@@ -32,3 +32,10 @@ def observe_batch(size: int, queue_wait_s: float, run_s: float) -> None:
     BATCH_SIZE.observe(size)
     QUEUE_WAIT_SECONDS.observe(queue_wait_s)
     BATCH_SECONDS.observe(run_s)
+
+
+PREDICTIONS_LOGGED = Counter("stream_ml_score_predictions_logged_total", "Predictions published to the log.")
+PREDICTIONS_DROPPED = Counter(
+    "stream_ml_score_predictions_dropped_total",
+    "Predictions not logged: the buffer was full (broker slow or down) or the broker failed them.",
+)
