@@ -149,23 +149,20 @@ def _redis_db(settings: Settings, db: int) -> str:
     return url
 
 
-def _start(ds: Dataset, group: str, url: str, metrics_port: int = 0) -> subprocess.Popen:
-    env = settings_env(ds.settings, STREAM_ML_REDIS_URL=url)
+def _start(ds: Dataset, group: str, url: str, *extra: str, metrics_port: int = 0) -> subprocess.Popen:
+    argv = [
+        "worker",
+        "features",
+        "--group",
+        group,
+        "--metrics-port",
+        str(metrics_port),
+        "--batch-size",
+        "400",
+    ]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream_ml",
-            "worker",
-            "features",
-            "--group",
-            group,
-            "--metrics-port",
-            str(metrics_port),
-            "--batch-size",
-            "400",
-        ],
-        env=env,
+        [sys.executable, "-m", "stream_ml", *argv, *extra],
+        env=settings_env(ds.settings, STREAM_ML_REDIS_URL=url),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -352,27 +349,7 @@ def test_a_label_without_its_transaction_is_dead_lettered_after_the_wait(topics:
     asyncio.run(publish())
     group, url = f"fw-orphan-{uuid.uuid4().hex[:6]}", _redis_db(topics, 4)
     ds = Dataset(topics, Oracle(FRAUD_FEATURES), [], [], 0)
-    env = settings_env(topics, STREAM_ML_REDIS_URL=url)
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream_ml",
-            "worker",
-            "features",
-            "--group",
-            group,
-            "--metrics-port",
-            "0",
-            "--label-wait",
-            "1",
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    worker = _start(ds, group, url, "--label-wait", "1")
     try:
         _wait_done(ds, group, [worker], timeout_s=60)
     finally:
