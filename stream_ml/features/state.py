@@ -21,10 +21,12 @@ False
 
 from __future__ import annotations
 
+import itertools
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -116,11 +118,17 @@ class Layout:
             for column, f in enumerate(features)
             if f.name in series
         ]
-        self._scalar_reads = [
-            (column, self._scalar_reader(f, distinct))
-            for column, f in enumerate(features)
-            if f.agg in ("distinct", "since_last")
-        ]
+        # distinct counts, grouped by the values they read; since-last reads
+        self._distinct_reads: dict[int, list[tuple[int, int]]] = {}
+        self._distinct_index: dict[str, int] = {}
+        self._since_last_reads: list[tuple[int, int, float, float]] = []
+        for column, f in enumerate(features):
+            if f.agg == "distinct":
+                index = distinct[(f.source, f.field)].index
+                self._distinct_reads.setdefault(index, []).append((column, f.tile_ms))
+                self._distinct_index[f.name] = index
+            elif f.agg == "since_last":
+                self._since_last_reads.append((column, last[f.source], float(f.window_s), f.default))
 
     @classmethod
     def of(cls, feature_set: FeatureSet, entity: str) -> Layout:
@@ -199,20 +207,24 @@ class Layout:
         return self.read_many([state], [t])[0]
 
     def read_many(self, states: Sequence[EntityState | None], times: Sequence[int]) -> list[list[float]]:
-        """:meth:`read` for many entities at once: the one implementation of every stored feature.
+        """:meth:`read` for many entities at once: the one implementation of every stored feature."""
+        return self.read_array(states, times).tolist()
 
-        The tiles of all the states are summed together with numpy, a few array operations per
-        batch instead of a Python loop per tile. Measured here per 3-entity vector: ~100 µs at a
-        batch of 64 against ~180 µs tile by tile (but ~550 µs at a batch of 1: still far inside
-        any deadline, and one implementation is worth more than the difference).
+    def read_array(self, states: Sequence[EntityState | None], times: Sequence[int]) -> np.ndarray:
+        """:meth:`read_many` as a float64 array (rows: states, columns: ``self.features``).
+
+        Every feature is a few numpy operations over the whole batch, not a Python loop per tile
+        or per distinct value: measured ~6 µs a 3-entity vector at a batch of 4,096 (replay),
+        against ~125 µs with the tiles summed per state and distinct values counted in Python.
         """
         out = np.tile(self._defaults, (len(states), 1))
         rows = [i for i, state in enumerate(states) if state is not None]
         if not rows:
-            return out.tolist()
+            return out
+        present: list[EntityState] = [states[i] for i in rows]  # type: ignore[misc]
         t = np.array([times[i] for i in rows], dtype=np.int64)
         if self._numeric:
-            tiles = np.stack([np.frombuffer(states[i].tiles, dtype=np.float64) for i in rows])  # type: ignore[union-attr]
+            tiles = np.frombuffer(b"".join([s.tiles for s in present]), dtype=np.float64)
             tiles = tiles.reshape(len(rows), len(self._numeric), TILES, SLOT)
             k = t[:, None] // self._tile_ms[None, :]  # each row's tile, per series
             held = tiles[..., 0]
@@ -233,43 +245,34 @@ class Layout:
                 else:
                     values = np.where(seen[:, series], (low if agg == "min" else high)[:, series], default)
                 out[rows, column] = values
-        for column, reader in self._scalar_reads:
-            for row, ti in zip(rows, t.tolist(), strict=True):
-                out[row, column] = reader(states[row], ti)
-        return out.tolist()
-
-    def _scalar_reader(self, f: Feature, distinct: dict) -> Any:
-        """Distinct counts and time since last event: per entity, from its maps."""
-        default = f.default
-        if f.agg == "since_last":
-            index, cap = self._last[f.source], float(f.window_s)
-
-            def since_last(state: EntityState, t: int) -> float:
-                last = state.last[index]
-                if last < 0:
-                    return default
-                return min(max(t - last, 0) / 1000.0, cap)
-
-            return since_last
-        index, tile_ms = distinct[(f.source, f.field)].index, f.tile_ms
-
-        def count_distinct(state: EntityState, t: int) -> float:
-            k = t // tile_ms
-            return float(
-                sum(1 for seen in state.distinct[index].values() if k - TILES < seen // tile_ms <= k)
+        for index, reads in self._distinct_reads.items():
+            # every row's values of one field, flattened: one comparison per value for the batch
+            maps = [s.distinct[index] for s in present]
+            owner = np.repeat(np.arange(len(rows)), [len(m) for m in maps])
+            last_seen = np.fromiter(
+                itertools.chain.from_iterable(m.values() for m in maps), dtype=np.int64, count=len(owner)
             )
+            for column, tile_ms in reads:
+                k = (t // tile_ms)[owner]
+                tile = last_seen // tile_ms
+                inside = (tile > k - TILES) & (tile <= k)
+                out[rows, column] = np.bincount(owner[inside], minlength=len(rows))
+        for column, index, cap, default in self._since_last_reads:
+            last = np.array([s.last[index] for s in present], dtype=np.int64)
+            since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
+            out[rows, column] = np.where(last < 0, default, since)
+        return out
 
-        return count_distinct
-
-    def seen(self, state: EntityState | None, feature: Feature, value: str, t: int) -> bool:
+    def seen(self, state: EntityState | None, feature: Feature, value: str | None, t: int) -> bool:
         """Whether ``value`` counts in the distinct ``feature`` as of ``t``."""
+        index = self._distinct_index.get(feature.name)
+        if index is None:
+            raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
         if state is None or value is None:
             return False
-        for d in self._distinct:
-            if (d.source, d.field) == (feature.source, feature.field) and feature.agg == "distinct":
-                k = t // feature.tile_ms
-                return k - TILES < state.distinct[d.index].get(value, -1 << 62) // feature.tile_ms <= k
-        raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
+        tile_ms = feature.tile_ms
+        k = t // tile_ms
+        return k - TILES < state.distinct[index].get(value, -1 << 62) // tile_ms <= k
 
     # -- storing --------------------------------------------------------------------------
 
@@ -340,5 +343,22 @@ class Layout:
         return EntityState(tiles, distinct, last, offsets)
 
 
+def copy_state(state: EntityState) -> EntityState:
+    """A copy to read later, whatever happens to ``state`` meanwhile (applied offsets not kept)."""
+    return EntityState(state.tiles[:], [d.copy() for d in state.distinct], state.last[:], {})
+
+
 def layouts(feature_set: FeatureSet) -> dict[str, Layout]:
     return {entity: Layout.of(feature_set, entity) for entity in feature_set.entities()}
+
+
+def field_getter(fields: tuple[str, ...]) -> Callable[[Any], tuple]:
+    """The values a layout needs from an event (``Layout.fields[source]``), as a tuple in that order."""
+    if not fields:
+        return lambda _event: ()
+    if fields == ("is_fraud",):
+        return lambda label: (1.0 if label.is_fraud else 0.0,)  # type: ignore[union-attr]
+    get = attrgetter(*fields)
+    if len(fields) == 1:
+        return lambda event: (get(event),)
+    return get  # type: ignore[return-value]

@@ -1,20 +1,22 @@
 """The one function that turns stored state and a request into the model's input vector.
 
-The scorer, the replay CLI and `stream-ml features vector` all call :meth:`VectorBuilder.build`;
-there is no second implementation of any feature.
+The scorer, the replay CLI and `stream-ml features vector` all call :meth:`VectorBuilder.build`
+(or its batch forms); there is no second implementation of any feature.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+
+import numpy as np
 
 from stream_ml.events.transaction import Transaction
-from stream_ml.features.definitions import ENTITIES, FeatureSet, RequestFeature
+from stream_ml.features.definitions import ENTITIES, FeatureSet
 from stream_ml.features.state import EntityState, Layout, layouts
 
 _DAY_MS = 86_400_000
+_HOUR_MS = 3_600_000
+_THURSDAY = 3  # 1970-01-01 was a Thursday: Monday is 0
 
 
 class VectorBuilder:
@@ -25,7 +27,14 @@ class VectorBuilder:
         self.layouts = layouts(feature_set)
         self.names = feature_set.names
         self._stored = {f.name: f for f in feature_set.features}
-        self._entity_order = [f.name for layout in self.layouts.values() for f in layout.features]
+        column = {name: i for i, name in enumerate(self.names)}
+        # where each entity's stored features go in the vector
+        self._columns = {
+            entity: np.array([column[f.name] for f in layout.features], dtype=np.intp)
+            for entity, layout in self.layouts.items()
+        }
+        self._request = [(column[rf.name], rf) for rf in feature_set.request_features]
+        self._column = column
 
     def entity_ids(self, tx: Transaction) -> dict[str, str | None]:
         """The ids of the entities whose state a vector for ``tx`` reads."""
@@ -35,9 +44,9 @@ class VectorBuilder:
         """The input vector for ``tx`` from each entity's state (``states[entity]``) as of ``as_of_ms``.
 
         This is the only place a feature vector is computed: the scorer, replay and the CLI call it
-        (or :meth:`build_many`, the same computation for a batch).
+        (or :meth:`build_many` / :meth:`build_array`, the same computation for a batch).
         """
-        return self.build_many([states], [tx], [as_of_ms])[0]
+        return self.build_array([states], [tx], [as_of_ms])[0].tolist()
 
     def build_many(
         self,
@@ -45,47 +54,45 @@ class VectorBuilder:
         txs: Sequence[Transaction],
         as_of: Sequence[int],
     ) -> list[list[float]]:
-        """:meth:`build` for a batch: each entity type's stored features are read together."""
-        read = {
-            entity: layout.read_many([s.get(entity) for s in states], as_of)
-            for entity, layout in self.layouts.items()
-        }
-        vectors = []
-        for i, tx in enumerate(txs):
-            # stored features come out grouped by entity; put them back in declaration order
-            values = [v for entity in self.layouts for v in read[entity][i]]
-            by_name = dict(zip(self._entity_order, values, strict=True))
-            out = [by_name[name] for name in self._stored]
-            for rf in self.feature_set.request_features:
-                out.append(self._request(rf, states[i], tx, as_of[i], by_name))
-            vectors.append(out)
-        return vectors
+        """:meth:`build` for a batch."""
+        return self.build_array(states, txs, as_of).tolist()
 
-    def _request(
+    def build_array(
         self,
-        rf: RequestFeature,
-        states: Mapping[str, EntityState | None],
-        tx: Transaction,
-        as_of_ms: int,
-        stored: dict[str, float],
-    ) -> float:
-        kind = rf.kind
-        if kind == "amount":
-            return tx.amount
-        if kind == "log_amount":
-            return math.log1p(tx.amount)
-        if kind == "amount_to_mean":
-            mean = stored[rf.arg]  # type: ignore[index]
-            return tx.amount / mean if mean > 0 else 1.0
-        if kind == "hour_of_day":
-            return float((tx.event_time % _DAY_MS) // 3_600_000)
-        if kind == "is_weekend":
-            return 1.0 if datetime.fromtimestamp(tx.event_time / 1000, UTC).weekday() >= 5 else 0.0
-        if kind == "channel_is":
-            return 1.0 if tx.channel == rf.arg else 0.0
-        if kind == "is_new":
-            feature = self._stored[rf.arg]  # type: ignore[index]
-            layout: Layout = self.layouts[feature.entity]
-            value = getattr(tx, rf.field)  # type: ignore[arg-type]
-            return 0.0 if layout.seen(states.get(feature.entity), feature, value, as_of_ms) else 1.0
-        raise ValueError(f"unknown request feature kind {kind!r}")
+        states: Sequence[Mapping[str, EntityState | None]],
+        txs: Sequence[Transaction],
+        as_of: Sequence[int],
+    ) -> np.ndarray:
+        """:meth:`build_many` as a float64 array: each feature is computed for the whole batch at once."""
+        out = np.empty((len(txs), len(self.names)), dtype=np.float64)
+        if not txs:
+            return out
+        for entity, layout in self.layouts.items():
+            out[:, self._columns[entity]] = layout.read_array([s.get(entity) for s in states], as_of)
+        amount = np.array([tx.amount for tx in txs], dtype=np.float64)
+        event_time = np.array([tx.event_time for tx in txs], dtype=np.int64)
+        for column, rf in self._request:
+            kind = rf.kind
+            if kind == "amount":
+                out[:, column] = amount
+            elif kind == "log_amount":
+                out[:, column] = np.log1p(amount)
+            elif kind == "amount_to_mean":
+                mean = out[:, self._column[rf.arg]]  # type: ignore[index]
+                out[:, column] = np.where(mean > 0, amount / np.where(mean > 0, mean, 1.0), 1.0)
+            elif kind == "hour_of_day":
+                out[:, column] = (event_time % _DAY_MS) // _HOUR_MS
+            elif kind == "is_weekend":
+                out[:, column] = (event_time // _DAY_MS + _THURSDAY) % 7 >= 5
+            elif kind == "channel_is":
+                out[:, column] = [tx.channel == rf.arg for tx in txs]
+            elif kind == "is_new":
+                feature = self._stored[rf.arg]  # type: ignore[index]
+                layout: Layout = self.layouts[feature.entity]
+                out[:, column] = [
+                    not layout.seen(s.get(feature.entity), feature, getattr(tx, rf.field), t)  # type: ignore[arg-type]
+                    for s, tx, t in zip(states, txs, as_of, strict=True)
+                ]
+            else:
+                raise ValueError(f"unknown request feature kind {kind!r}")
+        return out

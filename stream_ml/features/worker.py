@@ -30,7 +30,6 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -43,10 +42,10 @@ from stream_ml.config import Settings
 from stream_ml.events.consume import split_valid
 from stream_ml.events.deadletter import Rejected
 from stream_ml.events.label import Label, decode_label
-from stream_ml.events.transaction import Transaction, decode_transaction
+from stream_ml.events.transaction import decode_transaction
 from stream_ml.features import metrics
 from stream_ml.features.definitions import ENTITIES, FeatureSet
-from stream_ml.features.state import EntityState
+from stream_ml.features.state import EntityState, field_getter
 from stream_ml.features.store import LABEL_HORIZON_S, EntityKey, FeatureStore
 from stream_ml.kafka import BatchPublisher, consumer, producer
 from stream_ml.stack.topics import ensure_topics
@@ -118,7 +117,7 @@ class FeatureWorker:
         self.store = FeatureStore(self._redis, self.feature_set, self.options.label_horizon_s)
         self._layouts = self.store.layouts
         self._getters = {
-            (entity, source): _getter(layout.fields.get(source, ()))
+            (entity, source): field_getter(layout.fields.get(source, ()))
             for entity, layout in self._layouts.items()
             for source in SOURCE_CODES
         }
@@ -482,15 +481,3 @@ def _gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-def _getter(fields: tuple[str, ...]) -> Callable[[Transaction | Label], tuple]:
-    """The values an entity's layout needs from an event, as a tuple in the layout's order."""
-    if not fields:
-        return lambda _event: ()
-    if fields == ("is_fraud",):
-        return lambda label: (1.0 if label.is_fraud else 0.0,)  # type: ignore[union-attr]
-    get = attrgetter(*fields)
-    if len(fields) == 1:
-        return lambda event: (get(event),)
-    return get  # type: ignore[return-value]
