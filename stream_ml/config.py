@@ -60,6 +60,7 @@ class Settings:
     topic_drift: str = _setting("drift", help="Topic of drift reports.")
     topic_dead_letter: str = _setting("dead-letter", help="Topic of rejected messages, with the reason.")
     feature_set: str = _setting("fraud", help="Name of the feature set the workers and the scorer use.")
+    registry: str | None = _setting(help="Model registry folder. Unset: `registry` in the state dir.")
     api_keys: str | None = _setting(
         help="Comma-separated API keys the scorer accepts (environment only).", secret=True
     )
@@ -76,6 +77,9 @@ class Settings:
                 values[f.name] = _parse(f.name, raw, hints[f.name])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def registry_path(self) -> Path:
+        return Path(self.registry) if self.registry else self.state_dir / "registry"
 
     def topics(self) -> list[str]:
         """Every topic of the architecture, in a stable order."""

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +46,14 @@ class Server:
 
         self.port = free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        environment |= {"STREAM_ML_REDIS_URL": redis, "STREAM_ML_API_KEYS": keys, **(env or {})}
+        # a registry of its own: a developer's production pointer must not decide what is served
+        registry = tempfile.mkdtemp(prefix="registry-")
+        environment |= {
+            "STREAM_ML_REDIS_URL": redis,
+            "STREAM_ML_API_KEYS": keys,
+            "STREAM_ML_REGISTRY": registry,
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_ml", "serve", "--port", str(self.port), *extra],
             env=environment,

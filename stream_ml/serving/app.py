@@ -4,6 +4,14 @@ Every request is authenticated (API key), size-limited and rate-limited before i
 reads the features of all its requests in one Redis round trip, bounded by a timeout: when Redis
 is slow or down the batch is scored on request-time features only and answered with
 ``degraded: true`` (or 503 when degraded answers are switched off). Nothing waits without bound.
+
+The model comes from the registry's ``production`` stage (the built-in default model while none is
+set). A background task follows the stage pointers: a new version is loaded and warmed up off the
+event loop, then swapped in by one assignment, so a batch in flight finishes with the model it
+started with and no request is dropped; a version that fails to load leaves the old one serving.
+When the ``shadow`` stage is set, every batch is scored again by that model after its answers have
+gone, and logged as variant ``shadow``: it never changes an answer, and when it falls behind its
+work is dropped and counted rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import gc
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +30,7 @@ from typing import Any
 import msgpack
 import redis
 import redis.asyncio as aioredis
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,10 +42,28 @@ from stream_ml.events.transaction import Transaction, validate_transaction
 from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.store import FeatureStore
 from stream_ml.features.vector import VectorBuilder
+from stream_ml.registry import Registry
 from stream_ml.serving import metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
-from stream_ml.serving.model import ScoringModel, default_model
+from stream_ml.serving.model import ScoringModel, default_model, load_model
 from stream_ml.serving.predictions import PredictionLog
+
+log = logging.getLogger(__name__)
+
+MODEL_INFO = Gauge(
+    "stream_ml_model_info", "The model version served per stage (value 1).", ["stage", "version"]
+)
+MODEL_SWAPS = Counter("stream_ml_model_swaps_total", "Models swapped in from the registry.", ["stage"])
+MODEL_LOAD_FAILURES = Counter(
+    "stream_ml_model_load_failures_total",
+    "Registry versions not loaded (checksum, feature set, architecture): the old model serves on.",
+    ["stage"],
+)
+SHADOW_SCORED = Counter("stream_ml_shadow_scored_total", "Transactions also scored by the shadow model.")
+SHADOW_DROPPED = Counter(
+    "stream_ml_shadow_dropped_total",
+    "Transactions not shadow-scored: the shadow model fell behind or failed.",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +81,9 @@ class ServeOptions:
     rate_per_key: float = 5000.0  # requests per second per API key (token bucket)
     max_transactions_per_call: int = 256
     prediction_buffer: int = 10_000
+    model_poll_s: float = 1.0  # how often the registry's stage pointers are read
+    allow_feature_set_mismatch: bool = False
+    shadow_queue: int = 16  # batches waiting for the shadow model; more are dropped and counted
 
 
 @dataclass(slots=True)
@@ -86,10 +116,18 @@ class Scorer:
         options: ServeOptions,
         model: ScoringModel | None = None,
         predictions: PredictionLog | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.options = options
+        self.feature_set = feature_set
         self.builder = VectorBuilder(feature_set)
         self.model = model or default_model(feature_set)
+        self.shadow: ScoringModel | None = None
+        self.registry = registry  # None: serve `model` for good, follow no stage pointers
+        self._shadow_work: asyncio.Queue[tuple[list[Transaction], list[list[float]], int, bool]] = (
+            asyncio.Queue(options.shadow_queue)
+        )
+        self._tasks: list[asyncio.Task] = []
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.store = FeatureStore(self._redis, feature_set)
         self.batcher: MicroBatcher[Transaction, Scored] = MicroBatcher(
@@ -106,29 +144,144 @@ class Scorer:
         if self.predictions is not None:
             self.predictions.start()
         # Warm every batch size bucket the batcher can form before saying ready.
-        probe = Transaction("warmup", 1_700_000_000_000, "c", "m", 1.0, "EUR", "FR", "pos", None)
-        size, timings = 1, []
-        while size <= self.options.max_batch:
-            vectors = self.builder.build_many([{}] * size, [probe] * size, [probe.event_time] * size)
-            started = time.perf_counter()
-            self.model.score(vectors)
-            timings.append((size, time.perf_counter() - started))
-            size *= 2
-        # The batcher's cost prior: the model's measured cost, plus the feature read's share.
-        (n1, t1), (n2, t2) = timings[0], timings[-1]
-        per_item = max((t2 - t1) / max(n2 - n1, 1), 0.0) + FEATURE_SECONDS_PER_CALL
-        self.batcher.cost.prior(per_item, t1 + self.options.redis_timeout_ms / 2000, self.options.max_batch)
+        self._set_prior(self._warm_up(self.model))
+        MODEL_INFO.labels("production", self.model.version).set(1)
         gc.collect()
         gc.freeze()  # torch leaves ~175k objects: a full collection of them would be the p99
+        if self.registry is not None:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._follow_registry()), loop.create_task(self._run_shadow())]
         self.ready = True
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.batcher.stop()
         if self.predictions is not None:
             await self.predictions.stop()
         await self._redis.aclose()
 
+    def _warm_up(self, model: ScoringModel) -> list[tuple[int, float]]:
+        """Score once at every batch size the batcher can form; the timings of each."""
+        probe = Transaction("warmup", 1_700_000_000_000, "c", "m", 1.0, "EUR", "FR", "pos", None)
+        size, timings = 1, []
+        while size <= self.options.max_batch:
+            vectors = self.builder.build_many([{}] * size, [probe] * size, [probe.event_time] * size)
+            started = time.perf_counter()
+            model.score(vectors)
+            timings.append((size, time.perf_counter() - started))
+            size *= 2
+        return timings
+
+    def _set_prior(self, timings: list[tuple[int, float]]) -> None:
+        # The batcher's cost prior: the model's measured cost, plus the feature read's share.
+        (n1, t1), (n2, t2) = timings[0], timings[-1]
+        per_item = max((t2 - t1) / max(n2 - n1, 1), 0.0) + FEATURE_SECONDS_PER_CALL
+        self.batcher.cost.prior(per_item, t1 + self.options.redis_timeout_ms / 2000, self.options.max_batch)
+
+    def _load(self, version: str) -> tuple[ScoringModel, list[tuple[int, float]]]:
+        """Load and warm up a version: runs in a worker thread, never on the event loop."""
+        assert self.registry is not None
+        model = load_model(
+            self.registry,
+            version,
+            self.feature_set,
+            allow_feature_set_mismatch=self.options.allow_feature_set_mismatch,
+        )
+        return model, self._warm_up(model)
+
+    async def _follow_registry(self) -> None:
+        """Poll the production and shadow pointers; load and swap in whatever they point to."""
+        assert self.registry is not None
+        failed: dict[str, str] = {}  # stage -> the version that failed: not retried every poll
+        last_error = ""
+        while True:
+            try:
+                pointers = await asyncio.to_thread(self.registry.stages)
+            except Exception as exc:  # a pointer edited by hand, a registry unmounted: serve on
+                if str(exc) != last_error:
+                    log.warning("registry %s unreadable, serving on: %s", self.registry.root, exc)
+                last_error = str(exc)
+                pointers = {}
+            for stage in ("production", "shadow"):
+                wanted = pointers.get(stage)
+                served = self.model if stage == "production" else self.shadow
+                if wanted is None or wanted == (served and served.version) or failed.get(stage) == wanted:
+                    continue
+                try:
+                    model, timings = await asyncio.to_thread(self._load, wanted)
+                except Exception as exc:  # whatever the cause, the old model keeps serving
+                    failed[stage] = wanted
+                    MODEL_LOAD_FAILURES.labels(stage).inc()
+                    log.warning(
+                        "%s: version %s not loaded, still serving %s: %s",
+                        stage,
+                        wanted,
+                        served.version if served else "nothing",
+                        exc,
+                    )
+                    continue
+                self._swap(stage, model, timings)
+            await asyncio.sleep(self.options.model_poll_s)
+
+    def _swap(self, stage: str, model: ScoringModel, timings: list[tuple[int, float]]) -> None:
+        old = self.model if stage == "production" else self.shadow
+        if stage == "production":
+            # One assignment: a batch in flight holds its own reference and finishes with it.
+            self.model = model
+            self._set_prior(timings)
+        else:
+            self.shadow = model
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                MODEL_INFO.remove(stage, old.version)
+        MODEL_INFO.labels(stage, model.version).set(1)
+        MODEL_SWAPS.labels(stage).inc()
+        # No collection (it would stall answers): the new model's objects join the frozen ones.
+        gc.freeze()
+        log.info("%s: now serving %s (was %s)", stage, model.version, old.version if old else "none")
+
+    async def _run_shadow(self) -> None:
+        """Score queued batches with the shadow model, in a worker thread, after their answers left."""
+        while True:
+            txs, vectors, served_at, degraded = await self._shadow_work.get()
+            model = self.shadow
+            if model is None:
+                continue
+            try:
+                scores = await asyncio.to_thread(model.probabilities, vectors)
+            except Exception as exc:
+                SHADOW_DROPPED.inc(len(txs))
+                log.warning("shadow model %s failed on a batch: %s", model.version, exc)
+                continue
+            SHADOW_SCORED.inc(len(txs))
+            if self.predictions is None:
+                continue  # no broker: shadow scores are only counted
+            for tx, score, vector in zip(txs, scores, vectors, strict=True):
+                self.predictions.offer(
+                    Prediction(
+                        tx.event_id,
+                        tx.event_time,
+                        score,
+                        self._decision(score),
+                        model.version,
+                        "shadow",
+                        model.feature_set,
+                        vector,
+                        served_at,
+                        degraded,
+                    )
+                )
+
+    def _decision(self, score: float) -> str:
+        if score >= self.options.decline_threshold:
+            return "decline"
+        return "review" if score >= self.options.review_threshold else "approve"
+
     async def _score_batch(self, txs: list[Transaction]) -> list[Scored]:
+        model = self.model  # the whole batch uses this one, even if a swap happens meanwhile
         ids = [self.builder.entity_ids(tx) for tx in txs]
         keys = {(e, i) for entity_ids in ids for e, i in entity_ids.items() if i is not None}
         started = time.perf_counter()
@@ -149,21 +302,14 @@ class Scorer:
             [tx.event_time for tx in txs],
         )
         started = time.perf_counter()
-        scores, reasons = self.model.score(vectors)
+        scores, reasons = model.score(vectors)
         metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
-        o = self.options
         scored = [
-            Scored(
-                s,
-                "decline" if s >= o.decline_threshold else "review" if s >= o.review_threshold else "approve",
-                r,
-                self.model.version,
-                degraded,
-            )
+            Scored(s, self._decision(s), r, model.version, degraded)
             for s, r in zip(scores, reasons, strict=True)
         ]
+        served_at = int(time.time() * 1000)
         if self.predictions is not None:
-            served_at = int(time.time() * 1000)
             for tx, result, vector in zip(txs, scored, vectors, strict=True):
                 self.predictions.offer(
                     Prediction(
@@ -173,12 +319,17 @@ class Scorer:
                         result.decision,
                         result.model_version,
                         "production",
-                        self.model.feature_set,
+                        model.feature_set,
                         vector,
                         served_at,
                         degraded,
                     )
                 )
+        if self.shadow is not None:
+            try:
+                self._shadow_work.put_nowait((txs, vectors, served_at, degraded))
+            except asyncio.QueueFull:
+                SHADOW_DROPPED.inc(len(txs))
         return scored
 
 

@@ -1,4 +1,4 @@
-"""`stream-ml serve`."""
+"""`stream-ml serve`: the scorer, serving the registry's production model (or the default one)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=d.prediction_buffer,
         help="predictions held for the log while the broker is slow; then dropped and counted",
     )
+    serve.add_argument(
+        "--model-poll-s",
+        type=float,
+        default=d.model_poll_s,
+        help="seconds between reads of the registry's production and shadow pointers (default 1)",
+    )
+    serve.add_argument(
+        "--allow-feature-set-mismatch",
+        action="store_true",
+        help="serve registry models trained on another feature set (same number of inputs only)",
+    )
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
@@ -63,7 +74,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from stream_ml.registry import Registry
     from stream_ml.serving.app import Scorer, create_app
+    from stream_ml.serving.model import default_model, load_model
     from stream_ml.serving.predictions import PredictionLog
 
     keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
@@ -83,7 +96,26 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         max_body_bytes=args.max_body_bytes,
         rate_per_key=args.rate_limit,
         prediction_buffer=args.prediction_buffer,
+        model_poll_s=args.model_poll_s,
+        allow_feature_set_mismatch=args.allow_feature_set_mismatch,
     )
+    if args.model_poll_s <= 0:
+        raise ValueError(f"--model-poll-s must be above 0, got {args.model_poll_s}")
+    fs = feature_set(settings.feature_set)
+    registry = Registry(settings.registry_path())
+    production = registry.stage("production")
+    if production is None:
+        model = default_model(fs)
+    else:
+        try:
+            model = load_model(
+                registry, production, fs, allow_feature_set_mismatch=args.allow_feature_set_mismatch
+            )
+        except Exception as exc:  # an unloadable production model: refuse, never serve the default
+            raise RuntimeError(
+                f"production points to {production}, which cannot be served: {exc} (roll back with "
+                "`stream-ml models rollback --stage production`)"
+            ) from None
     try:
         predictions = PredictionLog(
             kafka_bootstrap(settings), settings.topic_predictions, args.prediction_buffer
@@ -91,14 +123,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except NotConfigured as exc:
         log.warning("no prediction log: %s", exc)
         predictions = None
-    scorer = Scorer(feature_set(settings.feature_set), redis_url(settings), options, predictions=predictions)
+    scorer = Scorer(fs, redis_url(settings), options, model=model, predictions=predictions, registry=registry)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info(
-        "scoring on http://%s:%d with model %s on %s",
+        "scoring on http://%s:%d with model %s on %s (registry %s)",
         args.host,
         args.port,
         scorer.model.version,
         scorer.model.device,
+        registry.root,
     )
     uvicorn.run(
         create_app(scorer),

@@ -1,31 +1,45 @@
 """The scoring model: a small MLP over the normalised feature vector, on the GPU when there is one.
 
 The default model is created deterministically from the feature set, so the service runs before
-any training; trained models replace it through the registry (issue 6).
+any training; trained models replace it through the registry: ``load_model`` rebuilds one from its
+recorded architecture and checked weights, refusing one whose inputs are not the served features.
 
+>>> import tempfile
+>>> from pathlib import Path
 >>> from stream_ml.features import FRAUD_FEATURES
+>>> from stream_ml.registry import Registry
 >>> model = default_model(FRAUD_FEATURES)
 >>> scores, reasons = model.score([[1.0] * len(FRAUD_FEATURES.names)])
 >>> 0.0 < scores[0] < 1.0, len(reasons[0]) <= 3
+(True, True)
+>>> registry = Registry(Path(tempfile.mkdtemp()))
+>>> mv = register_default_model(registry, FRAUD_FEATURES)
+>>> loaded = load_model(registry, mv.version, FRAUD_FEATURES)
+>>> loaded.version == mv.version, loaded.score([[1.0] * len(FRAUD_FEATURES.names)])[0] == scores
 (True, True)
 """
 
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from stream_ml import __version__
 from stream_ml.features.definitions import FeatureSet
+from stream_ml.registry import FeatureSetMismatch, ModelVersion, Registry, RegistryError
 
 TOP_REASONS = 3
+KIND = "fraud-mlp"
 
 
 class FraudMLP(nn.Module):
     def __init__(self, n_inputs: int, hidden: tuple[int, int] = (128, 64)) -> None:
         super().__init__()
+        self.n_inputs, self.hidden = n_inputs, tuple(hidden)
         self.register_buffer("mean", torch.zeros(n_inputs))
         self.register_buffer("scale", torch.ones(n_inputs))
         self.net = nn.Sequential(
@@ -38,6 +52,10 @@ class FraudMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.scale).squeeze(-1)
+
+    def architecture(self) -> dict:
+        """What the registry records so that ``load_model`` can rebuild this module."""
+        return {"kind": KIND, "n_inputs": self.n_inputs, "hidden": list(self.hidden)}
 
 
 @dataclass
@@ -65,6 +83,12 @@ class ScoringModel:
             for i, (idx, val) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))
         ]
         return scores, reasons
+
+    def probabilities(self, vectors: list[list[float]]) -> list[float]:
+        """Fraud probabilities only, no gradient pass: the shadow model's reasons are never read."""
+        with torch.no_grad():
+            x = torch.tensor(vectors, dtype=torch.float32, device=self.device).nan_to_num_(0.0)
+            return torch.sigmoid(self.module(x)).cpu().tolist()
 
 
 def device() -> torch.device:
@@ -97,3 +121,68 @@ def _rough_scale(name: str) -> float:
     if "count" in name:
         return 10.0
     return 1.0
+
+
+def load_model(
+    registry: Registry, version: str, feature_set: FeatureSet, *, allow_feature_set_mismatch: bool = False
+) -> ScoringModel:
+    """A registered version, ready to serve ``feature_set``'s vectors (checksums checked on load).
+
+    FeatureSetMismatch when the model was trained on other inputs (unless overridden); a model whose
+    input width differs from the vector is refused even then: it could not score a single row.
+    """
+    mv = registry.get(version)
+    names = feature_set.names
+    if not allow_feature_set_mismatch and (
+        mv.meta["feature_set"] != feature_set.version or mv.meta["feature_names"] != names
+    ):
+        raise FeatureSetMismatch(
+            f"model {version} was trained on feature set {mv.meta['feature_set']} "
+            f"({len(mv.meta['feature_names'])} inputs), the scorer serves {feature_set.version} "
+            f"({len(names)} inputs): promote a model trained on {feature_set.version}, or serve with "
+            "--allow-feature-set-mismatch if the inputs are known to be the same"
+        )
+    module = _build(mv, len(names))
+    module.load_state_dict(registry.load_weights(version), strict=True)
+    module.eval()
+    dev = device()
+    return ScoringModel(module.to(dev), names, version, feature_set.version, dev)
+
+
+def _build(mv: ModelVersion, n_inputs: int) -> FraudMLP:
+    arch = mv.meta.get("architecture") or {}
+    if arch.get("kind") != KIND:
+        raise RegistryError(
+            f"model {mv.version} has architecture {arch.get('kind')!r}; this scorer serves {KIND!r} models"
+        )
+    hidden = arch.get("hidden", [])
+    if arch.get("n_inputs") != n_inputs or len(hidden) != 2:
+        raise FeatureSetMismatch(
+            f"model {mv.version} takes {arch.get('n_inputs')} inputs through layers {hidden}, but the "
+            f"feature vector has {n_inputs}: it cannot be served on this feature set"
+        )
+    return FraudMLP(n_inputs, (int(hidden[0]), int(hidden[1])))
+
+
+def register_default_model(registry: Registry, feature_set: FeatureSet, seed: int = 0) -> ModelVersion:
+    """Register the untrained default model like a trained one (idempotent for the same weights)."""
+    module = default_model(feature_set, seed).module
+    weights = {k: v.cpu() for k, v in module.state_dict().items()}
+    params = {"untrained": True, "seed": seed}
+    for mv in registry.versions():
+        if mv.meta["feature_set"] == feature_set.version and mv.meta["params"] == params:
+            stored = registry.load_weights(mv.version)
+            if stored.keys() == weights.keys() and all(torch.equal(stored[k], v) for k, v in weights.items()):
+                return mv
+    return registry.register(
+        weights,
+        feature_set=feature_set.version,
+        feature_names=feature_set.names,
+        architecture=module.architecture(),
+        metrics={},
+        params=params,
+        data_version={},
+        code_version=__version__,
+        environment={"python": platform.python_version(), "torch": torch.__version__},
+        reference={},
+    )
