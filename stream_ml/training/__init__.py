@@ -1,0 +1,1 @@
+"""Offline training: the replayed dataset format, ranking metrics, and `stream-ml train`."""
