@@ -60,11 +60,12 @@ class Oracle:
                 self.events[entity][entity_id].append(("labels", label.label_time, fields))
         return True
 
-    def value(self, f: Feature, entity_id: str, t: int) -> float:
+    def value(self, f: Feature, entity_id: str, t: int, before: int | None = None) -> float:
+        """The feature as of ``t``; with ``before``, from the events earlier than that (point in time)."""
         events = [
             (ts, fields)
             for source, ts, fields in self.events[f.entity].get(entity_id, [])
-            if source == f.source
+            if source == f.source and (before is None or ts < before)
         ]
         if f.agg == "since_last":
             if not events:

@@ -47,6 +47,7 @@ class Dataset:
     entities: list[tuple[str, str]]
     read_times: list[int]
     late: int
+    items: list  # what was published, in order
 
 
 def _partition(key: str, partitions: int) -> int:
@@ -56,6 +57,11 @@ def _partition(key: str, partitions: int) -> int:
 
 @pytest.fixture(scope="module")
 def dataset(stack: Settings) -> Dataset:
+    return make_dataset(stack)
+
+
+def make_dataset(stack: Settings) -> Dataset:
+    """Publish the dataset to fresh topics of ``stack``."""
     rng = random.Random(7)
     tag = uuid.uuid4().hex[:8]
     from dataclasses import replace
@@ -140,7 +146,7 @@ def dataset(stack: Settings) -> Dataset:
         end + 31 * 24 * HOUR,
     ]
     read_times += [end + rng.randrange(31 * 24 * HOUR) for _ in range(4)]
-    return Dataset(settings, oracle, entities, read_times, len(oracle.dropped))
+    return Dataset(settings, oracle, entities, read_times, len(oracle.dropped), items)
 
 
 def _redis_db(settings: Settings, db: int) -> str:

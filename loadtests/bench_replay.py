@@ -1,0 +1,123 @@
+"""Replay: events per second of one process, from Kafka and in memory, measured in one run.
+
+    python loadtests/bench_replay.py [--events 200000]
+
+Starts an embedded stack on free ports, publishes ``--events`` synthetic events (transactions and
+their labels, 20k cards), then measures:
+
+1. read only: consume + decode every record of both topics (the floor replay cannot go under);
+2. compute only: the same events fed to the point-in-time engine from memory (state, vectors);
+3. replay: `replay()` end to end, Kafka to an in-memory dataset (what `stream-ml replay` does,
+   less the Parquet write).
+
+Prints events/s for each and the ratios. Absolute figures move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from bench_features import _free_port
+
+from stream_ml.config import Settings
+from stream_ml.events import Transaction, decode_label, decode_transaction
+from stream_ml.events.publish import publish
+from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
+from stream_ml.features import feature_set
+from stream_ml.kafka import consumer
+from stream_ml.stack import kafka_bootstrap, local
+from stream_ml.stack.topics import ensure_topics
+from stream_ml.training.pointintime import PointInTime
+from stream_ml.training.replay import ReplayOptions, replay
+
+START = 1_793_491_200_000
+
+
+async def _read_only(settings: Settings) -> int:
+    kafka = consumer(kafka_bootstrap(settings), group_id=None, max_partition_fetch_bytes=8 << 20)
+    await kafka.start()
+    n = 0
+    try:
+        await kafka.topics()
+        from aiokafka import TopicPartition
+
+        tps = [
+            TopicPartition(t, p)
+            for t in (settings.topic_transactions, settings.topic_labels)
+            for p in sorted(kafka.partitions_for_topic(t) or ())
+        ]
+        kafka.assign(tps)
+        for tp in tps:
+            kafka.seek(tp, 0)
+        idle = 0
+        while idle < 3:
+            fetched = await kafka.getmany(timeout_ms=200, max_records=20_000)
+            idle = 0 if fetched else idle + 1
+            for tp, records in fetched.items():
+                decode = decode_transaction if tp.topic == settings.topic_transactions else decode_label
+                for r in records:
+                    decode(r.value)
+                n += len(records)
+    finally:
+        await kafka.stop()
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="events to publish (about half labels)")
+    args = parser.parse_args()
+    fs = feature_set("fraud")
+    state = Path(tempfile.mkdtemp(prefix="bench-replay-"))
+    base = Settings.from_env({}, state_dir=state, kafka_port=_free_port(), redis_port=_free_port())
+    local.up(base)
+    try:
+        tag = uuid.uuid4().hex[:6]
+        settings = replace(base, topic_transactions=f"rtx-{tag}", topic_labels=f"rlab-{tag}")
+        asyncio.run(ensure_topics(kafka_bootstrap(settings), settings.topics(), settings.partitions))
+        config = SyntheticConfig(seed=1, start_ms=START, rate=200.0)
+        items = []
+        for item in SyntheticStream(config).items():
+            items.append(item)
+            if len(items) >= args.events:
+                break
+        asyncio.run(publish(settings, kafka_bootstrap(settings), iter(items), progress=False))
+        n = len(items)
+
+        t = time.perf_counter()
+        read = asyncio.run(_read_only(settings))
+        read_s = time.perf_counter() - t
+
+        pit = PointInTime(fs, ["t", "l"])
+        t = time.perf_counter()
+        for i, item in enumerate(items):
+            if isinstance(item, Transaction):
+                pit.add_transaction(item, "t", i)
+            else:
+                pit.add_label(item, "l", i)
+            if i % 20_000 == 0:
+                pit.release()
+        pit.release(final=True)
+        compute_s = time.perf_counter() - t
+
+        result = asyncio.run(replay(settings, fs, kafka_bootstrap(settings), ReplayOptions(progress=False)))
+        replayed = result.counts["transactions"] + result.counts["labels"]
+        print(f"{n:,} events published ({result.counts['transactions']:,} transactions)")
+        print(f"{'read + decode only':<24} {read / read_s:>10,.0f} events/s")
+        print(f"{'compute only (memory)':<24} {n / compute_s:>10,.0f} events/s")
+        print(f"{'replay, end to end':<24} {result.events_per_s:>10,.0f} events/s ({replayed:,} events)")
+        print(f"replay / read-only ratio {result.events_per_s / (read / read_s):.2f}")
+    finally:
+        local.down(base)
+
+
+if __name__ == "__main__":
+    main()
