@@ -9,8 +9,12 @@ from collections.abc import Sequence
 from stream_ml import __version__, config
 from stream_ml.events import cli as events_cli
 from stream_ml.features import cli as features_cli
+from stream_ml.monitoring import cli as monitoring_cli
+from stream_ml.registry import cli as registry_cli
 from stream_ml.serving import cli as serving_cli
 from stream_ml.stack import cli as stack_cli
+from stream_ml.training import cli as training_cli
+from stream_ml.training import replay_cli
 
 # Errors that are the user's to fix: printed as one line that says what to do, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -36,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     events_cli.register(commands)
     features_cli.register(commands)
     serving_cli.register(commands)
+    replay_cli.register(commands)
+    training_cli.register(commands)
+    registry_cli.register(commands)
+    monitoring_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Watching the loop: online/offline consistency (and, with the feedback loop, drift)."""
