@@ -354,7 +354,7 @@ def test_a_label_without_its_transaction_is_dead_lettered_after_the_wait(topics:
 
     asyncio.run(publish())
     group, url = f"fw-orphan-{uuid.uuid4().hex[:6]}", _redis_db(topics, 4)
-    ds = Dataset(topics, Oracle(FRAUD_FEATURES), [], [], 0)
+    ds = Dataset(topics, Oracle(FRAUD_FEATURES), [], [], 0, [])
     worker = _start(ds, group, url, "--label-wait", "1")
     try:
         _wait_done(ds, group, [worker], timeout_s=60)
