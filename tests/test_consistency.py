@@ -18,11 +18,11 @@ from test_feature_worker import Dataset, _redis_db, _start, _stop, _wait_done
 from test_serving import Server
 
 from stream_ml.config import Settings
-from stream_ml.events import Label, Transaction, encode_label, encode_transaction
+from stream_ml.events import Label, Transaction
+from stream_ml.events.publish import publish
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.features import FRAUD_FEATURES
 from stream_ml.features.store import FeatureStore
-from stream_ml.kafka import BatchPublisher, producer
 from stream_ml.stack import kafka_bootstrap
 
 START = 1_781_000_000_000
@@ -30,28 +30,7 @@ HOUR = 3_600_000
 
 
 def _publish(settings: Settings, items: list) -> None:
-    async def publish() -> None:
-        kafka = producer(kafka_bootstrap(settings))
-        await kafka.start()
-        try:
-            out = BatchPublisher(kafka)
-            for item in items:
-                if isinstance(item, Transaction):
-                    await out.publish(
-                        settings.topic_transactions,
-                        item.card_id.encode(),
-                        encode_transaction(item),
-                        item.event_time,
-                    )
-                else:
-                    await out.publish(
-                        settings.topic_labels, item.event_id.encode(), encode_label(item), item.label_time
-                    )
-            await out.flush()
-        finally:
-            await kafka.stop()
-
-    asyncio.run(publish())
+    asyncio.run(publish(settings, kafka_bootstrap(settings), iter(items), progress=False))
 
 
 def _payments(history: list[Transaction], n: int, t0: int, tag: str) -> list[Transaction]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from tqdm import tqdm
 
@@ -356,8 +357,12 @@ async def _materialize(feature_set: FeatureSet, redis_url: str, pit: PointInTime
     return written, kept
 
 
-def run(settings: Settings, feature_set: FeatureSet, bootstrap: str, options: ReplayOptions,
-        redis_url: str | None = None) -> ReplayResult:  # fmt: skip
-    import uvloop
-
+def run(
+    settings: Settings,
+    feature_set: FeatureSet,
+    bootstrap: str,
+    options: ReplayOptions,
+    redis_url: str | None = None,
+) -> ReplayResult:
+    """:func:`replay` on a uvloop event loop, for the CLI."""
     return uvloop.run(replay(settings, feature_set, bootstrap, options, redis_url))

@@ -48,12 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _time(value: str | None, flag: str) -> int | None:
-    if value is None:
-        return None
-    t = parse_time_ms(value, flag)
-    if not isinstance(t, int):
-        raise ValueError(f"{flag}: expected ISO 8601 or epoch milliseconds, got {value!r}")
-    return t
+    return None if value is None else int(parse_time_ms(value, flag))
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
