@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from stream_ml import __version__, config
 from stream_ml.events import cli as events_cli
 from stream_ml.features import cli as features_cli
+from stream_ml.feedback import cli as feedback_cli
 from stream_ml.monitoring import cli as monitoring_cli
 from stream_ml.registry import cli as registry_cli
 from stream_ml.serving import cli as serving_cli
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stack_cli.register(commands)
     events_cli.register(commands)
+    worker = commands.add_parser("worker", help="run a stream topology (a consumer-group member)")
+    topologies = worker.add_subparsers(dest="topology", required=True, metavar="TOPOLOGY")
+    features_cli.register_worker(topologies)
+    feedback_cli.register_worker(topologies)
     features_cli.register(commands)
     serving_cli.register(commands)
     replay_cli.register(commands)

@@ -85,6 +85,9 @@ class BatchPublisher:
         self._partitions[topic] = sorted(found)
         self._key_partition[topic] = {}
 
+    def opened(self, topic: str) -> bool:
+        return topic in self._partitions
+
     def add(
         self,
         topic: str,

@@ -1,4 +1,4 @@
-"""Publish a stream of transactions and labels to Kafka, paced or as fast as the broker takes them."""
+"""Publish transactions, labels (and predictions) to Kafka, paced or as fast as the broker takes them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from stream_ml.config import Settings
 from stream_ml.events.label import Label, encode_label
+from stream_ml.events.prediction import Prediction, encode_prediction
 from stream_ml.events.transaction import Transaction, encode_transaction
 from stream_ml.kafka import BatchPublisher, producer
 
@@ -24,12 +25,13 @@ _PROGRESS_EVERY = 2048
 class PublishReport:
     transactions: int = 0
     labels: int = 0
+    predictions: int = 0
     frauds: int = 0
     seconds: float = 0.0
 
     @property
     def events(self) -> int:
-        return self.transactions + self.labels
+        return self.transactions + self.labels + self.predictions
 
     @property
     def events_per_s(self) -> float:
@@ -57,16 +59,17 @@ def rate_schedule(rate: float) -> Schedule:
 async def publish(
     settings: Settings,
     bootstrap: str,
-    items: Iterable[Transaction | Label],
+    items: Iterable[Transaction | Label | Prediction],
     *,
     schedule: Schedule | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> PublishReport:
-    """Publish ``items`` in order: transactions keyed by card, labels keyed by event id.
+    """Publish ``items`` in order: transactions keyed by card, labels and predictions by event id.
 
-    Record timestamps are the event time (transactions) and the label time (labels), so a
-    consumer can seek the log by time. Returns once the broker acknowledged everything.
+    Record timestamps are the event time (transactions), the label time (labels) and the time
+    served (predictions), so a consumer can seek the log by time. Returns once the broker
+    acknowledged everything.
     """
     report = PublishReport()
     kafka = producer(bootstrap)
@@ -91,6 +94,10 @@ async def publish(
                 t = item.event_time
                 full = out.add(tx_topic, item.card_id.encode(), encode_transaction(item), t)
                 report.transactions += 1
+            elif type(item) is Prediction:
+                t = item.served_at
+                full = await _add(out, settings.topic_predictions, item.event_id, encode_prediction(item), t)
+                report.predictions += 1
             else:
                 t = item.label_time
                 full = out.add(label_topic, item.event_id.encode(), encode_label(item), t)
@@ -111,3 +118,9 @@ async def publish(
         bar.close()
         await kafka.stop()
     return report
+
+
+async def _add(out: BatchPublisher, topic: str, key: str, value: bytes, t: int) -> bool:
+    if not out.opened(topic):
+        await out.open_topic(topic)  # only publishers of predictions need that topic to exist
+    return out.add(topic, key.encode(), value, t)

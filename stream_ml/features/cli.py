@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import signal
 import time
 
-import redis
 import redis.asyncio as aioredis
-import uvloop
 
+from stream_ml import runner
 from stream_ml.config import Settings, add_arguments
 from stream_ml.events.sources.files import parse_time_ms
 from stream_ml.events.transaction import validate_transaction
@@ -23,12 +20,8 @@ from stream_ml.features.vector import VectorBuilder
 from stream_ml.features.worker import WorkerOptions
 from stream_ml.stack import redis_url
 
-log = logging.getLogger("stream_ml.worker")
 
-
-def register(commands: argparse._SubParsersAction) -> None:
-    worker = commands.add_parser("worker", help="run a stream topology (a consumer-group member)")
-    topologies = worker.add_subparsers(dest="topology", required=True, metavar="TOPOLOGY")
+def register_worker(topologies: argparse._SubParsersAction) -> None:
     features = topologies.add_parser(
         "features",
         help="transactions and labels into entity window state in Redis",
@@ -60,6 +53,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_arguments(features)
     features.set_defaults(run=_worker_features)
 
+
+def register(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser("features", help="inspect feature definitions and the online store")
     sub = cmd.add_subparsers(dest="features_command", required=True, metavar="COMMAND")
     listing = sub.add_parser("list", help="the features of the feature set, in model-input order")
@@ -89,7 +84,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
     from topologies import features
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner.configure_logging()
     options = WorkerOptions(
         group_id=args.group,
         label_horizon_s=args.label_horizon,
@@ -97,52 +92,15 @@ def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
         max_records=args.batch_size,
     )
     worker = features.build(settings, options)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(args.metrics_port)
-            log.info("metrics on :%d/metrics", args.metrics_port)
-        except OSError as exc:  # a second worker on this machine: run on, without metrics
-            log.warning(
-                "no metrics: port %d: %s (give each worker its own --metrics-port)", args.metrics_port, exc
-            )
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        log.info(
-            "feature worker: group %s, feature set %s, Kafka %s, Redis %s",
-            options.group_id,
-            worker.feature_set.version,
-            worker.bootstrap,
-            worker.redis_url,
-        )
-        reporter = asyncio.ensure_future(_report(worker, stop))
-        try:
-            await worker.run(stop)
-        finally:
-            reporter.cancel()
-        log.info("stopped after %s records", f"{worker.processed:,}")
-
-    try:
-        uvloop.run(main())
-    except redis.exceptions.RedisError as exc:  # mid-run: one line that says what broke
-        raise ConnectionError(
-            f"Redis failed: {exc}; the worker resumes from its last commit when restarted"
-        ) from None
-    return 0
-
-
-async def _report(worker: object, stop: asyncio.Event, every_s: float = 10.0) -> None:
-    last, then = 0, time.monotonic()
-    while not stop.is_set():
-        await asyncio.sleep(every_s)
-        done, now = worker.processed, time.monotonic()  # type: ignore[attr-defined]
-        log.info("%s records (%s/s)", f"{done:,}", f"{(done - last) / (now - then):,.0f}")
-        last, then = done, now
+    runner.serve_metrics(args.metrics_port)
+    runner.log.info(
+        "feature worker: group %s, feature set %s, Kafka %s, Redis %s",
+        options.group_id,
+        worker.feature_set.version,
+        worker.bootstrap,
+        worker.redis_url,
+    )
+    return runner.run_worker(worker)
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

@@ -85,6 +85,11 @@ class ServeOptions:
     allow_feature_set_mismatch: bool = False
     shadow_queue: int = 16  # batches waiting for the shadow model; more are dropped and counted
 
+    def decision(self, score: float) -> str:
+        if score >= self.decline_threshold:
+            return "decline"
+        return "review" if score >= self.review_threshold else "approve"
+
 
 @dataclass(slots=True)
 class Scored:
@@ -265,7 +270,7 @@ class Scorer:
                         tx.event_id,
                         tx.event_time,
                         score,
-                        self._decision(score),
+                        self.options.decision(score),
                         model.version,
                         "shadow",
                         model.feature_set,
@@ -274,11 +279,6 @@ class Scorer:
                         degraded,
                     )
                 )
-
-    def _decision(self, score: float) -> str:
-        if score >= self.options.decline_threshold:
-            return "decline"
-        return "review" if score >= self.options.review_threshold else "approve"
 
     async def _score_batch(self, txs: list[Transaction]) -> list[Scored]:
         model = self.model  # the whole batch uses this one, even if a swap happens meanwhile
@@ -305,7 +305,7 @@ class Scorer:
         scores, reasons = model.score(vectors)
         metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
         scored = [
-            Scored(s, self._decision(s), r, model.version, degraded)
+            Scored(s, self.options.decision(s), r, model.version, degraded)
             for s, r in zip(scores, reasons, strict=True)
         ]
         served_at = int(time.time() * 1000)

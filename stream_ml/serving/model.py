@@ -3,6 +3,8 @@
 The default model is created deterministically from the feature set, so the service runs before
 any training; trained models replace it through the registry: ``load_model`` rebuilds one from its
 recorded architecture and checked weights, refusing one whose inputs are not the served features.
+Two architectures are served: ``fraud-mlp`` (the trainer's) and ``online-logistic`` (the feedback
+worker's river model, exported by :mod:`stream_ml.feedback.logistic`).
 
 >>> import tempfile
 >>> from pathlib import Path
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +38,16 @@ from stream_ml.registry import FeatureSetMismatch, ModelVersion, Registry, Regis
 
 TOP_REASONS = 3
 KIND = "fraud-mlp"
+ONLINE_LOGISTIC = "online-logistic"
+
+
+def model_input(vectors: list[list[float]] | list[Sequence[float]]) -> np.ndarray:
+    """Served vectors as every model sees them: float32, a missing value (NaN) replaced by 0.
+
+    The one definition of that rule: the scorer uses it, and so do the online learners, which
+    must learn from exactly what is served (±inf become the float32 extremes, as in torch).
+    """
+    return np.nan_to_num(np.asarray(vectors, dtype=np.float32), nan=0.0)
 
 
 class FraudMLP(nn.Module):
@@ -58,11 +72,47 @@ class FraudMLP(nn.Module):
         return {"kind": KIND, "n_inputs": self.n_inputs, "hidden": list(self.hidden)}
 
 
+class OnlineLogisticModule(nn.Module):
+    """river's StandardScaler + LogisticRegression as torch runs it: the same numbers, in float64.
+
+    ``mean``/``var``/``count`` are the scaler's running statistics, ``linear`` the weights and
+    intercept. An input whose variance is 0 is scaled to 0, as river does (not divided by 1), so
+    ``scale`` is 1 there only to keep the reasons' arithmetic finite; the mask does the work.
+    ``logit_offset`` is the learner's calibration correction (−log of its positive weight). The
+    other buffers (``class_counts``, ``steps``) are never used to score: they are there so that
+    the learner restores exactly from the same safetensors file.
+    """
+
+    def __init__(self, n_inputs: int) -> None:
+        super().__init__()
+        self.n_inputs = n_inputs
+        f64 = torch.float64
+        self.register_buffer("mean", torch.zeros(n_inputs, dtype=f64))
+        self.register_buffer("var", torch.zeros(n_inputs, dtype=f64))
+        self.register_buffer("count", torch.zeros(n_inputs, dtype=torch.int64))
+        self.register_buffer("logit_offset", torch.zeros((), dtype=f64))
+        self.register_buffer("class_counts", torch.zeros(2, dtype=torch.int64))  # negatives, positives
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # the optimizer's iterations
+        self.linear = nn.Linear(n_inputs, 1, dtype=f64)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.where(self.var > 0, self.var.sqrt(), torch.ones_like(self.var))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.mean.dtype)
+        z = torch.where(self.var > 0, (x - self.mean) / self.scale, torch.zeros_like(x))
+        return self.linear(z).squeeze(-1) + self.logit_offset
+
+    def architecture(self) -> dict:
+        return {"kind": ONLINE_LOGISTIC, "n_inputs": self.n_inputs}
+
+
 @dataclass
 class ScoringModel:
     """A model ready to score: weights on their device, the names of its inputs, its version."""
 
-    module: FraudMLP
+    module: FraudMLP | OnlineLogisticModule
     names: list[str]
     version: str
     feature_set: str
@@ -70,7 +120,7 @@ class ScoringModel:
 
     def score(self, vectors: list[list[float]]) -> tuple[list[float], list[list[tuple[str, float]]]]:
         """Fraud probabilities, and per row the inputs that push it up most (gradient × input)."""
-        x = torch.tensor(vectors, dtype=torch.float32, device=self.device).nan_to_num_(0.0)
+        x = torch.from_numpy(model_input(vectors)).to(self.device)
         x.requires_grad_(True)
         logits = self.module(x)
         (grad,) = torch.autograd.grad(logits.sum(), x)  # rows are independent: one pass for the batch
@@ -87,7 +137,7 @@ class ScoringModel:
     def probabilities(self, vectors: list[list[float]]) -> list[float]:
         """Fraud probabilities only, no gradient pass: the shadow model's reasons are never read."""
         with torch.no_grad():
-            x = torch.tensor(vectors, dtype=torch.float32, device=self.device).nan_to_num_(0.0)
+            x = torch.from_numpy(model_input(vectors)).to(self.device)
             return torch.sigmoid(self.module(x)).cpu().tolist()
 
 
@@ -149,11 +199,20 @@ def load_model(
     return ScoringModel(module.to(dev), names, version, feature_set.version, dev)
 
 
-def _build(mv: ModelVersion, n_inputs: int) -> FraudMLP:
+def _build(mv: ModelVersion, n_inputs: int) -> FraudMLP | OnlineLogisticModule:
     arch = mv.meta.get("architecture") or {}
-    if arch.get("kind") != KIND:
+    kind = arch.get("kind")
+    if kind == ONLINE_LOGISTIC:
+        if arch.get("n_inputs") != n_inputs:
+            raise FeatureSetMismatch(
+                f"model {mv.version} takes {arch.get('n_inputs')} inputs, but the feature vector has "
+                f"{n_inputs}: it cannot be served on this feature set"
+            )
+        return OnlineLogisticModule(n_inputs)
+    if kind != KIND:
         raise RegistryError(
-            f"model {mv.version} has architecture {arch.get('kind')!r}; this scorer serves {KIND!r} models"
+            f"model {mv.version} has architecture {kind!r}; this scorer serves {KIND!r} and "
+            f"{ONLINE_LOGISTIC!r} models"
         )
     hidden = arch.get("hidden", [])
     if arch.get("n_inputs") != n_inputs or len(hidden) != 2:

@@ -1,0 +1,1 @@
+"""The feedback loop: labels joined with predictions, online learning and drift."""
