@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import tempfile
 import time
 import uuid
@@ -75,7 +76,7 @@ def main() -> None:
     fs = feature_set("fraud")
     config = SyntheticConfig(seed=1, start_ms=START, rate=50.0, fraud_rate=0.005, label_delay_s=600)
     stream = SyntheticStream(config).items()
-    limited = (item for i, item in enumerate(stream) if i < 2 * args.transactions)
+    limited = itertools.islice(stream, 2 * args.transactions)  # the stream is endless
     t = time.perf_counter()
     out = list(served(limited, fs, default_model(fs)))
     predictions = [p for p in out if isinstance(p, Prediction)]

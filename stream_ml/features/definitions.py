@@ -12,6 +12,7 @@ scorer) uses this one rule, so online and offline values agree exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -119,22 +120,33 @@ class FeatureSet:
 
     @property
     def names(self) -> list[str]:
-        return [f.name for f in self.features] + [f.name for f in self.request_features]
+        return list(_names(self))  # a copy: callers may change theirs
 
     @property
     def version(self) -> str:
         """A hash of the definitions: state and models are tied to it."""
-        spec = {
-            "features": [asdict(f) for f in self.features],
-            "request": [asdict(f) for f in self.request_features],
-            "tiles": TILES,
-            "lateness": self.allowed_lateness_s,
-        }
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.name}-{digest}"
+        return _version(self)
 
     def entities(self) -> list[str]:
         return sorted({f.entity for f in self.features}, key=list(ENTITIES).index)
 
     def longest_window_ms(self) -> int:
         return max(f.window_ms for f in self.features)
+
+
+# Read per event on hot paths (the scorer, the feedback worker): computed once per feature set.
+@functools.cache
+def _names(fs: FeatureSet) -> tuple[str, ...]:
+    return tuple(f.name for f in fs.features) + tuple(f.name for f in fs.request_features)
+
+
+@functools.cache
+def _version(fs: FeatureSet) -> str:
+    spec = {
+        "features": [asdict(f) for f in fs.features],
+        "request": [asdict(f) for f in fs.request_features],
+        "tiles": TILES,
+        "lateness": fs.allowed_lateness_s,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{fs.name}-{digest}"
