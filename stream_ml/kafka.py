@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Any
 
@@ -180,3 +181,27 @@ async def group_caught_up(bootstrap: str, group_id: str, topics: list[str], wait
     finally:
         await reader.stop()
         await committed_view.stop()
+
+
+async def fetch_or_stop(
+    kafka: AIOKafkaConsumer, stop: asyncio.Event, max_records: int
+) -> dict[TopicPartition, list] | None:
+    """The next fetched batch, or None as soon as ``stop`` is set (the fetch is abandoned)."""
+    fetch = asyncio.ensure_future(kafka.getmany(timeout_ms=100, max_records=max_records))
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if fetch not in done:
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetch
+        return None
+    stopped.cancel()
+    return fetch.result()
+
+
+def observe_lag(kafka: AIOKafkaConsumer, fetched: dict[TopicPartition, list], gauge: Any) -> None:
+    """Set ``gauge`` (labels topic, partition) to the records behind each fetched partition's end."""
+    for tp, records in fetched.items():
+        highwater = kafka.highwater(tp)
+        if highwater is not None and records:
+            gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - records[-1].offset - 1, 0))

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import redis
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -47,7 +45,8 @@ from stream_ml.features import metrics
 from stream_ml.features.definitions import ENTITIES, FeatureSet
 from stream_ml.features.state import EntityState, field_getter
 from stream_ml.features.store import LABEL_HORIZON_S, EntityKey, FeatureStore
-from stream_ml.kafka import BatchPublisher, consumer, producer
+from stream_ml.kafka import BatchPublisher, consumer, fetch_or_stop, observe_lag, producer
+from stream_ml.stack import connect_redis
 from stream_ml.stack.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -106,14 +105,7 @@ class FeatureWorker:
         """Consume until ``stop`` is set (or forever)."""
         stop = stop or asyncio.Event()
         await ensure_topics(self.bootstrap, list(self.entity_topics.values()), self.settings.partitions)
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
-        try:
-            await self._redis.ping()
-        except redis.exceptions.RedisError as exc:
-            raise ConnectionError(
-                f"Redis at {self.redis_url} does not answer ({exc}): start it (`stream-ml stack up`) "
-                "or fix STREAM_ML_REDIS_URL"
-            ) from None
+        self._redis = await connect_redis(self.redis_url)
         self.store = FeatureStore(self._redis, self.feature_set, self.options.label_horizon_s)
         self._layouts = self.store.layouts
         self._getters = {
@@ -137,19 +129,11 @@ class FeatureWorker:
             while not stop.is_set():
                 if self._writing is not None and self._writing.done():
                     self._writing.result()  # a failed write stops the worker: a restart redoes it
-                fetch = asyncio.ensure_future(
-                    self._consumer.getmany(timeout_ms=100, max_records=self.options.max_records)
-                )
-                stopped = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if fetch not in done:
-                    fetch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await fetch
+                fetched = await fetch_or_stop(self._consumer, stop, self.options.max_records)
+                if fetched is None:
                     break
-                stopped.cancel()
                 with _gc_paused():
-                    finish = await self._compute(fetch.result())
+                    finish = await self._compute(fetched)
                 # One batch is written and committed while the next is computed: never more, so
                 # a slow Redis or broker slows the consumption instead of piling batches up.
                 await self.flushed()
@@ -242,7 +226,7 @@ class FeatureWorker:
         if commit:
             await self._consumer.commit(commit)
         self.processed += n
-        self._update_lag(fetched)
+        observe_lag(self._consumer, fetched, metrics.CONSUMER_LAG_EVENTS)
 
     # -- stage 1: route -------------------------------------------------------------------
 
@@ -443,13 +427,6 @@ class FeatureWorker:
             self._pending_labels.pop(tp, None)
             self._fetched_end.pop(tp, None)
             self._cached -= len(self._owned.pop(tp, {}))
-
-    def _update_lag(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        for tp, records in fetched.items():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None and records:
-                lag = max(highwater - records[-1].offset - 1, 0)
-                metrics.CONSUMER_LAG_EVENTS.labels(tp.topic, str(tp.partition)).set(lag)
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -46,7 +46,6 @@ class DriftWatch:
         self._bootstrap: dict[str, list[Prediction]] = {}
         self._last_seen: dict[str, int] = {}  # version -> latest event time fed
         self._performance: dict[str, PerformanceMonitor] = {}
-        self.reports: list[WindowReport] = []  # the latest closed windows, newest last (bounded)
 
     def add(self, predictions: Sequence[Prediction]) -> list[Record]:
         """Feed a batch of served predictions; the ``drift`` records of the windows that closed."""
@@ -174,7 +173,6 @@ class DriftWatch:
             if report.retrain:
                 log.warning("drift: %s", report.reason)
             out += report.records()
-        self.reports = (self.reports + closed)[-100:]
         return out
 
 

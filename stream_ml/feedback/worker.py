@@ -29,8 +29,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import redis
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import ConsumerRecord
@@ -46,9 +44,10 @@ from stream_ml.feedback import metrics, snapshot
 from stream_ml.feedback.join import Joined, JoinStore, PartitionBatch
 from stream_ml.feedback.online import Example, OnlineLearner
 from stream_ml.feedback.watch import DriftWatch, WatchOptions
-from stream_ml.kafka import BatchPublisher, consumer, producer
+from stream_ml.kafka import BatchPublisher, consumer, fetch_or_stop, observe_lag, producer
 from stream_ml.registry import Registry
 from stream_ml.serving.app import ServeOptions
+from stream_ml.stack import connect_redis
 from stream_ml.stack.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -99,14 +98,7 @@ class FeedbackWorker:
         """Consume until ``stop`` is set (or forever)."""
         stop = stop or asyncio.Event()
         s = self.settings
-        self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
-        try:
-            await self._redis.ping()
-        except redis.exceptions.RedisError as exc:
-            raise ConnectionError(
-                f"Redis at {self.redis_url} does not answer ({exc}): start it (`stream-ml stack up`) "
-                "or fix STREAM_ML_REDIS_URL"
-            ) from None
+        self._redis = await connect_redis(self.redis_url)
         self.join = JoinStore(self._redis, self.options.group_id, self.options.join_ttl_s * 1000)
         if self.options.learn:
             restored = await asyncio.to_thread(
@@ -131,18 +123,10 @@ class FeedbackWorker:
             self._consumer.subscribe([s.topic_labels, s.topic_predictions], listener=_Rebalance(self))
             await self._consumer.start()
             while not stop.is_set():
-                fetch = asyncio.ensure_future(
-                    self._consumer.getmany(timeout_ms=100, max_records=self.options.max_records)
-                )
-                stopped = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if fetch not in done:
-                    fetch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await fetch
+                fetched = await fetch_or_stop(self._consumer, stop, self.options.max_records)
+                if fetched is None:
                     break
-                stopped.cancel()
-                fetched = {tp: records for tp, records in fetch.result().items() if records}
+                fetched = {tp: records for tp, records in fetched.items() if records}
                 if fetched:
                     self._busy = asyncio.ensure_future(self.process(fetched))
                     await self._busy
@@ -202,7 +186,7 @@ class FeedbackWorker:
             await self._learn(joined)
         await self._consumer.commit({tp: records[-1].offset + 1 for tp, records in fetched.items()})
         self.processed += sum(len(r) for r in fetched.values())
-        self._update_lag(fetched)
+        observe_lag(self._consumer, fetched, metrics.CONSUMER_LAG_EVENTS)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def _learn(self, joined: list[Joined]) -> None:
@@ -282,13 +266,6 @@ class FeedbackWorker:
         if self._busy is not None:
             with contextlib.suppress(Exception):  # its error surfaces in the run loop
                 await self._busy
-
-    def _update_lag(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        for tp, records in fetched.items():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None and records:
-                lag = max(highwater - records[-1].offset - 1, 0)
-                metrics.CONSUMER_LAG_EVENTS.labels(tp.topic, str(tp.partition)).set(lag)
 
 
 class _Rebalance(ConsumerRebalanceListener):

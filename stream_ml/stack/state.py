@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
+
 from stream_ml.config import Settings, env_name
 from stream_ml.stack.processes import Process
 
@@ -85,3 +88,17 @@ def redis_url(settings: Settings) -> str:
         f"no Redis configured: run `stream-ml stack up`, or set {env_name('redis_url')}"
         "=redis://host:port/0 (or pass --redis-url)"
     )
+
+
+async def connect_redis(url: str, socket_timeout: float = 10.0) -> aioredis.Redis:
+    """A client of the Redis at ``url`` that has answered a PING; ConnectionError says what to do."""
+    client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5.0)
+    try:
+        await client.ping()
+    except redis.exceptions.RedisError as exc:
+        await client.aclose()
+        raise ConnectionError(
+            f"Redis at {url} does not answer ({exc}): start it (`stream-ml stack up`) "
+            "or fix STREAM_ML_REDIS_URL"
+        ) from None
+    return client
