@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from stream_ml import __version__, config
+from stream_ml.demo import cli as demo_cli
 from stream_ml.events import cli as events_cli
 from stream_ml.features import cli as features_cli
 from stream_ml.feedback import cli as feedback_cli
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(commands)
     registry_cli.register(commands)
     monitoring_cli.register(commands)
+    demo_cli.register(commands)
     return parser
 
 

@@ -78,6 +78,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def to_env(self) -> dict[str, str]:
+        """The ``STREAM_ML_*`` variables that give a child process these settings."""
+        return {
+            env_name(f.name): str(value)
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None
+        }
+
     def registry_path(self) -> Path:
         return Path(self.registry) if self.registry else self.state_dir / "registry"
 

@@ -168,14 +168,7 @@ def _shifts(specs: list[str], at: str | None, start_ms: int, span_ms: int) -> tu
         if at is None
         else (start_ms + int(float(at[1:]) * 1000) if at.startswith("+") else _time_arg(at, "--shift-at"))
     )
-    shifts = []
-    for spec in specs:
-        kind, _, factor = spec.partition("=")
-        try:
-            shifts.append(Shift(kind.strip(), float(factor), at_ms))
-        except ValueError as exc:
-            raise ValueError(f"--shift {spec!r}: {exc} (expected KIND=FACTOR, e.g. amount=1.5)") from None
-    return tuple(shifts)
+    return tuple(Shift.parse(spec, at_ms) for spec in specs)
 
 
 def _time_arg(text: str, flag: str) -> int:

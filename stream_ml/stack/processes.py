@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,16 @@ def ensure_port_free(port: int, what: str, hint: str) -> None:
             raise PortInUse(f"port {port} is in use, so the {what} cannot start there; {hint}") from None
 
 
-def spawn(name: str, argv: list[str], port: int, log_path: Path) -> Process:
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(
+    name: str, argv: list[str], port: int, log_path: Path, env: Mapping[str, str] | None = None
+) -> Process:
     """Start ``argv`` detached from our session (it outlives this command), output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -73,6 +83,7 @@ def spawn(name: str, argv: list[str], port: int, log_path: Path) -> Process:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            env=None if env is None else dict(env),
         )
     return Process(name=name, pid=proc.pid, port=port, argv=argv, log=str(log_path))
 

@@ -128,6 +128,15 @@ class Shift:
         if self.kind == "amount" and self.factor <= 0:
             raise ValueError(f"shift amount: FACTOR must be positive, got {self.factor}")
 
+    @classmethod
+    def parse(cls, spec: str, at_ms: int) -> Shift:
+        """``KIND=FACTOR`` (as ``--shift`` takes it), starting at ``at_ms``."""
+        kind, _, factor = spec.partition("=")
+        try:
+            return cls(kind.strip(), float(factor), at_ms)
+        except ValueError as exc:
+            raise ValueError(f"--shift {spec!r}: {exc} (expected KIND=FACTOR, e.g. amount=1.5)") from None
+
 
 @dataclass(frozen=True, slots=True)
 class SyntheticConfig:

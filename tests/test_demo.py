@@ -1,0 +1,134 @@
+"""`stream-ml demo`, end to end on the real broker and Redis: every station did its job.
+
+The demo's own summary is checked, and then each claim again from the outside: the feature
+store, the predictions topic, the registry, the drift report, and the processes it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from helpers import REPO, read_topic, run_cli, settings_env
+
+from stream_ml.config import Settings
+from stream_ml.events.prediction import decode_prediction
+from stream_ml.events.transaction import decode_transaction
+from stream_ml.features import feature_set
+from stream_ml.features.store import FeatureStore
+from stream_ml.registry import Registry
+from stream_ml.stack import kafka_bootstrap, redis_url
+from stream_ml.stack.processes import Process
+
+SHORT_RUN = (
+    "--duration", "12",
+    "--rate", "80",
+    "--history", "3000",
+    "--window-events", "300",
+    "--shift-at", "0.2",
+    "--retrain-at", "0.3",
+    "--status-every", "3",
+)  # fmt: skip
+
+
+def _demo_env(settings: Settings) -> dict[str, str]:
+    # Named servers: the demo uses them and starts no stack of its own.
+    return settings_env(
+        settings,
+        STREAM_ML_KAFKA_BOOTSTRAP=kafka_bootstrap(settings),
+        STREAM_ML_REDIS_URL=redis_url(settings),
+    )
+
+
+def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_cli("demo", *SHORT_RUN, "--output", str(out), env=_demo_env(topics), timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(summary["checks"].values()), summary["checks"]
+    for line in ("payments scored", "labels joined", "replay-trained model promoted and served"):
+        assert f"[ok] {line}" in result.stdout
+
+    # The calls: answered by the initial model, then by the retrained one, none lost at the switch.
+    initial, retrained = summary["initial"]["version"], summary["retrain"]["version"]
+    assert initial and retrained and initial != retrained
+    assert summary["score"]["by_model"][initial] > 0 and summary["score"]["by_model"][retrained] > 0
+    assert summary["retrain"]["failed_around_switch"] == 0
+
+    # Features: the card of a published payment has its state in Redis.
+    bootstrap = kafka_bootstrap(topics)
+    payments = read_topic(bootstrap, topics.topic_transactions, summary["payments"])
+    assert len(payments) >= summary["payments"]
+    store = FeatureStore(None, feature_set(topics.feature_set))  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_url(topics))
+    cards = {decode_transaction(r.value).card_id for r in payments[-50:]}
+    assert all(client.exists(store.key("card", card)) for card in cards)
+
+    # Predictions: logged with the model versions that answered.
+    predictions = [decode_prediction(r.value) for r in read_topic(bootstrap, topics.topic_predictions, 1)]
+    assert len(predictions) >= summary["predictions_logged"] > 0
+    assert {p.model_version for p in predictions} >= {initial, retrained}
+
+    # Labels joined with them.
+    assert summary["join"]["joined"] > 0 and summary["online_examples"] > 0
+
+    # The registry: production is the retrained model, trained on the replayed dataset.
+    registry = Registry(out / "registry")
+    assert registry.stage("production") == retrained
+    manifest = json.loads((out / "dataset-retrain" / "manifest.json").read_text())
+    assert registry.get(retrained).meta["data_version"]["data_version"] == manifest["data_version"]
+
+    # Drift: windows were published and the report written.
+    assert summary["drift"]["windows"] > 0
+    assert read_topic(bootstrap, topics.topic_drift, 1)
+    assert "<html" in Path(summary["drift"]["report"]).read_text().lower()
+
+    # Everything the demo started has stopped.
+    started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+    assert {p.name for p in started} == {"features", "feedback", "scorer"}
+    assert not any(p.is_running() for p in started)
+
+
+def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_ML_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_ml", "demo", *SHORT_RUN, "--output", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "processes.json").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the demo did not start its processes"
+            time.sleep(0.2)
+        started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+        assert {p.name for p in started} == {"features", "feedback", "scorer", "kafka", "redis"}
+        assert all(p.is_running() for p in started)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "stopped: the workers, the scorer and the stack" in output
+    assert not any(p.is_running() for p in started)
+
+
+def _processes(out: Path) -> list[dict]:
+    return json.loads((out / "processes.json").read_text())
+
+
+def test_demo_help() -> None:
+    result = run_cli("demo", "--help", env=dict(os.environ))
+    assert result.returncode == 0 and "--duration" in result.stdout and "Ctrl-C" in result.stdout
