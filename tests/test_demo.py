@@ -30,6 +30,7 @@ SHORT_RUN = (
     "--duration", "12",
     "--rate", "80",
     "--history", "3000",
+    "--fraud-rate", "0.03",
     "--window-events", "300",
     "--shift-at", "0.2",
     "--retrain-at", "0.3",
@@ -84,8 +85,9 @@ def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
     manifest = json.loads((out / "dataset-retrain" / "manifest.json").read_text())
     assert registry.get(retrained).meta["data_version"]["data_version"] == manifest["data_version"]
 
-    # Drift: windows were published and the report written.
+    # Drift: windows were published, the shifted feature went critical, the report was written.
     assert summary["drift"]["windows"] > 0
+    assert "log_amount" in summary["drift"]["first_critical_s"]
     assert read_topic(bootstrap, topics.topic_drift, 1)
     assert "<html" in Path(summary["drift"]["report"]).read_text().lower()
 

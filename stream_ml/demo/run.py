@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import secrets
@@ -124,7 +125,7 @@ class Demo:
             redis_port=settings.redis_port if settings.redis_url else free_port(),
             registry=str(self.registry),
         )
-        self.say = out
+        self._out = out
         self.api_key = secrets.token_urlsafe(24)
         self.ports = {"scorer": free_port(), "features": free_port(), "feedback": free_port()}
         self.processes: list[Process] = []
@@ -211,6 +212,12 @@ class Demo:
         return [p.to_json() for p in current.processes] if current and self.stack_started else []
 
     def _stop(self) -> None:
+        if self.processes or self.stack_started:
+            self.say("stopping what the demo started")
+        for p in self.processes:  # all at once: each finishes its last batch in parallel
+            with contextlib.suppress(ProcessLookupError):
+                if p.is_running():
+                    os.kill(p.pid, signal.SIGTERM)
         for p in reversed(self.processes):
             p.stop()
         if self.stack_started:
@@ -240,8 +247,13 @@ class Demo:
                 shifts=(shift,) if shift else (),
             )
         )
+        # One iterator for both parts: a second `items()` would restart the generator's clock.
+        items = stream.items()
+        first_live: list[Transaction | Label] = []
+        history = _until(items, now_ms, first_live)
+        live = itertools.chain(first_live, items)
         if o.history:
-            report = await publish(self.settings, bootstrap, stream.items(until_ms=now_ms), progress=False)
+            report = await publish(self.settings, bootstrap, history, progress=False)
             self.say(
                 f"history: {report.transactions:,} payments and {report.labels:,} labels "
                 f"({history_ms / 3_600_000:.1f} h of event time) published in {report.seconds:.1f} s"
@@ -264,7 +276,7 @@ class Demo:
             )
             live0 = self._t()
             schedule = event_time_schedule(now_ms, o.time_scale)
-            streaming = asyncio.create_task(gateway.run(self._live(stream.items()), schedule))
+            streaming = asyncio.create_task(gateway.run(self._live(live), schedule))
             retraining: asyncio.Task[None] | None = None
             next_status = live0 + o.status_every_s
             while not streaming.done():
@@ -273,7 +285,7 @@ class Demo:
                 live = t - live0
                 if shift and not self._shift_said and live >= o.shift_at * o.duration_s:
                     self._shift_said = True
-                    self.say(f"[{t:5.1f}s] drift injected: {o.shift} from now on (event time)")
+                    self.say(f"drift injected: {o.shift} from now on (event time)")
                 if retraining is None and live >= o.retrain_at * o.duration_s:
                     retraining = asyncio.create_task(self._retrain())
                 if t >= next_status:
@@ -291,9 +303,10 @@ class Demo:
                 retraining.cancel()
                 self.retrain.error = self.retrain.error or "not finished in time"
             self.live_s = self._t() - live0
-            self.say(f"[{self._t():5.1f}s] stream ended; waiting for the workers to catch up")
+            self.say("stream ended; waiting for the workers to catch up")
             caught_up = await self._catch_up(bootstrap)
             await self._scrape(session)
+        self.say("writing the drift report")
         report_path = await self._drift_report()
         summary = self._summary(caught_up, report_path)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -349,7 +362,7 @@ class Demo:
         """Replay the whole log into a dataset, train on it, promote the model to production."""
         r = Retrain(started_s=self._t())
         dataset = self.out_dir / f"dataset-{name}"
-        self.say(f"[{r.started_s:5.1f}s] {name}: replaying the log into {dataset}")
+        self.say(f"{name}: replaying the log into {dataset}")
         try:
             code, out = await self._command(
                 f"{name}-replay", ["replay", "-o", str(dataset), "--overwrite", "--quiet", "--json"]
@@ -360,7 +373,7 @@ class Demo:
             r.dataset = {"counts": replayed["counts"], "manifest": replayed["manifest"]}
             m = replayed["manifest"]
             self.say(
-                f"[{self._t():5.1f}s] {name}: {m['rows']:,} rows ({m['positives']:,} fraud, "
+                f"{name}: {m['rows']:,} rows ({m['positives']:,} fraud, "
                 f"{m['negatives']:,} legitimate) replayed at {replayed['events_per_s']:,} events/s; training"
             )
             code, out = await self._command(
@@ -372,13 +385,10 @@ class Demo:
             r.version = Registry(self.registry).stage("production")
             r.metrics = _validation(out)
             r.done_s = self._t()
-            self.say(
-                f"[{r.done_s:5.1f}s] {name}: trained {r.version} (validation {r.metrics}) and promoted it "
-                "to production"
-            )
+            self.say(f"{name}: trained {r.version} (validation {r.metrics}) and promoted it to production")
         except (RuntimeError, ValueError, KeyError) as exc:
             r.error = str(exc)
-            self.say(f"[{self._t():5.1f}s] {name} failed: {exc}")
+            self.say(f"{name} failed: {exc}")
         return r
 
     async def _command(self, name: str, args: list[str]) -> tuple[int, str]:
@@ -417,6 +427,9 @@ class Demo:
 
     # -- status ---------------------------------------------------------------------------
 
+    def say(self, line: str) -> None:
+        self._out(f"[{self._t():5.1f}s] {line}")
+
     def _t(self) -> float:
         """Seconds since the demo started: the clock of every line it prints."""
         return time.monotonic() - self._t0
@@ -439,7 +452,7 @@ class Demo:
                 newly_critical.append(name)
             st.severities[name] = level
         if newly_critical:
-            self.say(f"[{t:5.1f}s] drift: critical for the first time: {', '.join(sorted(newly_critical))}")
+            self.say(f"drift: critical for the first time: {', '.join(sorted(newly_critical))}")
 
     def _status_line(self, t: float) -> str:
         assert self.gateway is not None
@@ -449,18 +462,20 @@ class Demo:
         rate = sum(1 for c in traffic.calls if c.at_s >= since) / max(t - since, 1e-9)
         p50, p99 = (np.percentile(recent, 50), np.percentile(recent, 99)) if len(recent) else (np.nan, np.nan)
         auc = st.feedback.by_label("stream_ml_online_roc_auc", "model")
+        served = auc.get(f"production:{traffic.last_version}")
         online = " ".join(
-            f"{m.removeprefix('online-')} {v:.2f}" for m, v in sorted(auc.items()) if m.startswith("online")
+            [f"{m.removeprefix('online-')} {v:.2f}" for m, v in sorted(auc.items()) if m.startswith("online")]
+            + ([f"production {served:.2f}"] if served is not None else [])
         )
         moved = [f"{n} {SEVERITY[s]}" for n, s in sorted(st.severities.items(), key=lambda kv: -kv[1]) if s]
         windows = int(st.feedback.total("stream_ml_drift_windows_total"))
         return (
-            f"[{t:5.1f}s] {traffic.payments:,} payments ({rate:,.0f}/s), score p50 {p50:.1f} ms "
+            f"{traffic.payments:,} payments ({rate:,.0f}/s), score p50 {p50:.1f} ms "
             f"p99 {p99:.1f} ms, {sum(traffic.errors.values())} failed | model {_short(traffic.last_version)} "
             "| features "
             f"{int(st.features.total('stream_ml_feature_events_total', outcome='applied')):,} applied, lag "
             f"{int(st.features.total('stream_ml_feature_consumer_lag_events')):,} | joined "
-            f"{int(st.feedback.total('stream_ml_feedback_join_total', outcome='joined')):,} | online AUC "
+            f"{int(st.feedback.total('stream_ml_feedback_join_total', outcome='joined')):,} | ROC AUC "
             f"{online or '-'} | drift: {windows} windows, {', '.join(moved[:4]) or 'all none'}"
         )
 
@@ -568,6 +583,17 @@ def _short(version: str | None, width: int = 28) -> str:
 
 def _round(value: float) -> float:
     return round(float(value), 1)
+
+
+def _until(
+    items: Iterator[Transaction | Label], end_ms: int, rest: list[Transaction | Label]
+) -> Iterator[Transaction | Label]:
+    """``items`` due before ``end_ms``; the first one after goes into ``rest``."""
+    for item in items:
+        if (item.event_time if type(item) is Transaction else item.label_time) >= end_ms:
+            rest.append(item)
+            return
+        yield item
 
 
 def _batch_priority() -> None:
