@@ -13,7 +13,9 @@ WORKDIR /src
 COPY . .
 RUN pip install .
 
-RUN useradd --create-home --uid 10001 streamml
+RUN useradd --create-home --uid 10001 streamml \
+    # A named volume mounted here takes this folder's owner: the workers must be able to register models.
+    && mkdir /registry && chown streamml /registry
 USER streamml
 WORKDIR /home/streamml
 
