@@ -335,3 +335,46 @@ def test_a_broker_down_never_holds_up_answers_and_drops_are_counted(store_url: s
         )
     )
     assert dropped >= 4
+
+
+def test_produce_through_the_scorer_scores_every_payment_then_publishes_it(topics: Settings, store_url: str):
+    from helpers import read_topic, run_cli, settings_env
+
+    from stream_ml.events import decode_prediction
+    from stream_ml.events.transaction import decode_transaction
+    from stream_ml.stack import kafka_bootstrap
+
+    bootstrap = kafka_bootstrap(topics)
+    s = Server(
+        store_url,
+        "--rate-limit",
+        "100000",
+        env={"STREAM_ML_KAFKA_BOOTSTRAP": bootstrap, "STREAM_ML_TOPIC_PREDICTIONS": topics.topic_predictions},
+    )
+    try:
+        result = run_cli(
+            "produce", "synthetic", "--events", "400", "--max-speed", "--seed", "5", "--label-delay", "1",
+            "--score-url", f"http://127.0.0.1:{s.port}/score",
+            env=settings_env(topics, STREAM_ML_API_KEYS=KEY),
+        )  # fmt: skip
+    finally:
+        s.stop()
+    assert result.returncode == 0, result.stderr
+    assert "scored" in result.stdout and "failed" not in result.stdout, result.stdout
+    payments = {
+        decode_transaction(r.value).event_id for r in read_topic(bootstrap, topics.topic_transactions, 1)
+    }
+    predicted = {
+        decode_prediction(r.value).event_id for r in read_topic(bootstrap, topics.topic_predictions, 1)
+    }
+    assert len(payments) > 300 and payments == predicted
+
+
+def test_produce_through_the_scorer_needs_a_key(topics: Settings):
+    from helpers import run_cli, settings_env
+
+    result = run_cli(
+        "produce", "synthetic", "--events", "10", "--score-url", "http://127.0.0.1:1/score",
+        env=settings_env(topics),
+    )  # fmt: skip
+    assert result.returncode == 2 and "STREAM_ML_API_KEYS" in result.stderr

@@ -37,7 +37,7 @@ import aiohttp
 import numpy as np
 
 from stream_ml.config import ENV_PREFIX, Settings
-from stream_ml.demo.gateway import Gateway
+from stream_ml.events.gateway import Gateway
 from stream_ml.demo.scrape import Samples, scrape
 from stream_ml.events.label import Label
 from stream_ml.events.publish import event_time_schedule, publish

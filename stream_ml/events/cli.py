@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stream_ml.config import Settings, add_arguments
+from stream_ml.config import Settings, add_arguments, env_name
+from stream_ml.events.gateway import Gateway
 from stream_ml.events.label import Label
 from stream_ml.events.publish import event_time_schedule, publish, rate_schedule
 from stream_ml.events.sources import files
@@ -77,6 +78,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--shift-at",
         default=None,
         help="when shifts begin: +SECONDS after the start, ISO 8601 or epoch ms (default: half-way)",
+    )
+    syn.add_argument(
+        "--score-url",
+        default=None,
+        metavar="URL",
+        help="as a payment gateway: score each payment on this scorer (e.g. http://127.0.0.1:8000/score) "
+        f"before publishing it, with the first key of {env_name('api_keys')}; the scorer logs the "
+        "predictions that the feedback worker joins with the labels",
     )
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     add_arguments(syn)
@@ -144,10 +153,24 @@ def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
         f"{'(max speed) ' if args.max_speed else ''}into {bootstrap}",
         file=sys.stderr,
     )
+    fraud_share = f"seed {seed}, fraud share {stream.frauds / max(stream.transactions, 1):.4f}"
+    if args.score_url:
+        keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+        if not keys:
+            raise ValueError(f"--score-url needs an API key of the scorer: set {env_name('api_keys')}=KEY")
+        gateway = Gateway(settings, bootstrap, args.score_url, keys[0])
+        started = time.monotonic()
+        asyncio.run(gateway.run(items, schedule))
+        t = gateway.traffic
+        print(
+            f"published {t.payments:,} transactions and {t.labels:,} labels ({t.frauds:,} fraud) in "
+            f"{time.monotonic() - started:.2f} s ({fraud_share}); {t.describe()}"
+        )
+        return 0
     report = asyncio.run(
         publish(settings, bootstrap, items, schedule=schedule, total=args.events, progress=not args.quiet)
     )
-    print(f"{report.summary()} (seed {seed}, fraud share {stream.frauds / max(stream.transactions, 1):.4f})")
+    print(f"{report.summary()} ({fraud_share})")
     return 0
 
 

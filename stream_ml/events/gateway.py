@@ -57,6 +57,20 @@ class Traffic:
     def first_served(self, version: str) -> float | None:
         return next((c.at_s for c in self.calls if c.model_version == version), None)
 
+    def describe(self) -> str:
+        lat = self.latencies_ms()
+        if not len(lat):
+            return f"no payment was scored: {dict(self.errors)} (HTTP status: count; 0: no answer)"
+        failed = sum(self.errors.values())
+        return (
+            f"scored {len(lat):,}: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
+            + (
+                f"; {failed:,} calls failed {dict(self.errors)} (HTTP status: count; 0: no answer)"
+                if failed
+                else ""
+            )
+        )
+
     def errors_between(self, start_s: float, end_s: float) -> int:
         return sum(1 for c in self.calls if start_s <= c.at_s < end_s and c.status != 200)
 
