@@ -153,7 +153,6 @@ def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
         f"{'(max speed) ' if args.max_speed else ''}into {bootstrap}",
         file=sys.stderr,
     )
-    fraud_share = f"seed {seed}, fraud share {stream.frauds / max(stream.transactions, 1):.4f}"
     if args.score_url:
         keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
         if not keys:
@@ -164,14 +163,18 @@ def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
         t = gateway.traffic
         print(
             f"published {t.payments:,} transactions and {t.labels:,} labels ({t.frauds:,} fraud) in "
-            f"{time.monotonic() - started:.2f} s ({fraud_share}); {t.describe()}"
+            f"{time.monotonic() - started:.2f} s ({_seed_and_share(seed, stream)}); {t.describe()}"
         )
         return 0
     report = asyncio.run(
         publish(settings, bootstrap, items, schedule=schedule, total=args.events, progress=not args.quiet)
     )
-    print(f"{report.summary()} ({fraud_share})")
+    print(f"{report.summary()} ({_seed_and_share(seed, stream)})")
     return 0
+
+
+def _seed_and_share(seed: int, stream: SyntheticStream) -> str:
+    return f"seed {seed}, fraud share {stream.frauds / max(stream.transactions, 1):.4f}"
 
 
 def _until(

@@ -113,7 +113,10 @@ class MicroBatcher(Generic[Item, Result]):
         wait = self.expected_wait_s()
         if len(self._queue) >= self.max_queue:
             raise Overloaded("queue full", retry_after_s=max(wait, 0.01))
-        if now + wait > deadline_s:
+        # Idle, a call is always tried: waiting would not make it faster, and refusing it would also
+        # starve the cost model of the timings that let it forget a slow spell.
+        busy = self._running or self._queue
+        if busy and now + wait > deadline_s:
             raise Overloaded("the deadline cannot be met at the current load", retry_after_s=max(wait, 0.01))
         pending: _Pending[Item, Result] = _Pending(item, deadline_s)
         self._queue.append(pending)
