@@ -37,8 +37,8 @@ import aiohttp
 import numpy as np
 
 from stream_ml.config import ENV_PREFIX, Settings
-from stream_ml.events.gateway import Gateway
 from stream_ml.demo.scrape import Samples, scrape
+from stream_ml.events.gateway import Gateway
 from stream_ml.events.label import Label
 from stream_ml.events.publish import event_time_schedule, publish
 from stream_ml.events.sources.synthetic import Shift, SyntheticConfig, SyntheticStream
@@ -61,7 +61,7 @@ _BATCH_NICENESS = 10  # calls this close to the model switch count as "around th
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     output: Path = Path("stream-ml-demo")
-    duration_s: float = 90.0
+    duration_s: float = 60.0
     rate: float = 200.0  # payments per wall second
     time_scale: float = 60.0  # event-time seconds per wall second
     history: int = 20_000  # payments published before the live part
@@ -258,7 +258,7 @@ class Demo:
                 f"history: {report.transactions:,} payments and {report.labels:,} labels "
                 f"({history_ms / 3_600_000:.1f} h of event time) published in {report.seconds:.1f} s"
             )
-            self.initial = await self._train("initial")
+            self.initial = await self._train("initial", since_ms=now_ms - history_ms // 2)
             if self.initial.version is None:
                 raise RuntimeError(f"the initial model could not be trained: {self.initial.error}")
         self.say(
@@ -287,7 +287,8 @@ class Demo:
                     self._shift_said = True
                     self.say(f"drift injected: {o.shift} from now on (event time)")
                 if retraining is None and live >= o.retrain_at * o.duration_s:
-                    retraining = asyncio.create_task(self._retrain())
+                    half = (self._event_time(now_ms, live) - (now_ms - history_ms)) // 2
+                    retraining = asyncio.create_task(self._retrain(self._event_time(now_ms, live) - half))
                 if t >= next_status:
                     next_status += o.status_every_s
                     await self._scrape(session)
@@ -355,17 +356,26 @@ class Demo:
 
     # -- retraining -----------------------------------------------------------------------
 
-    async def _retrain(self) -> None:
-        self.retrain = await self._train("retrain")
+    def _event_time(self, live_start_ms: int, live_s: float) -> int:
+        return live_start_ms + int(live_s * self.options.time_scale * 1000)
 
-    async def _train(self, name: str) -> Retrain:
-        """Replay the whole log into a dataset, train on it, promote the model to production."""
+    async def _retrain(self, since_ms: int) -> None:
+        self.retrain = await self._train("retrain", since_ms)
+
+    async def _train(self, name: str, since_ms: int) -> Retrain:
+        """Replay the log into a dataset, train on it, promote the model to production.
+
+        The rows are the payments since ``since_ms`` (the latest half of the log; the replay reads
+        the warm-up before it too): the first payments of a young log meet cold features, unlike
+        what the model will see, and they would make its drift reference cold too.
+        """
         r = Retrain(started_s=self._t())
         dataset = self.out_dir / f"dataset-{name}"
         self.say(f"{name}: replaying the log into {dataset}")
         try:
             code, out = await self._command(
-                f"{name}-replay", ["replay", "-o", str(dataset), "--overwrite", "--quiet", "--json"]
+                f"{name}-replay",
+                ["replay", "-o", str(dataset), "--from", str(since_ms), "--overwrite", "--quiet", "--json"],
             )
             if code != 0:
                 raise RuntimeError(f"replay exited with {code}; see {self.logs / f'{name}-replay.log'}")
@@ -467,7 +477,9 @@ class Demo:
             [f"{m.removeprefix('online-')} {v:.2f}" for m, v in sorted(auc.items()) if m.startswith("online")]
             + ([f"production {served:.2f}"] if served is not None else [])
         )
-        moved = [f"{n} {SEVERITY[s]}" for n, s in sorted(st.severities.items(), key=lambda kv: -kv[1]) if s]
+        psi = st.feedback.by_label("stream_ml_feature_psi", "feature")
+        worst = sorted(st.severities.items(), key=lambda kv: (-kv[1], -psi.get(kv[0], 0.0)))
+        moved = [f"{n} {SEVERITY[s]}" for n, s in worst if s]
         windows = int(st.feedback.total("stream_ml_drift_windows_total"))
         return (
             f"{traffic.payments:,} payments ({rate:,.0f}/s), score p50 {p50:.1f} ms "
