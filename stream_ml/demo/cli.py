@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from stream_ml.config import Settings, add_arguments
-from stream_ml.demo.run import Demo, DemoOptions, describe
+from stream_ml.demo.options import DemoOptions
 from stream_ml.events.sources.synthetic import SHIFT_KINDS
 
 
@@ -126,6 +126,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         status_every_s=args.status_every,
         seed=args.seed,
     )
+    from stream_ml.demo.run import Demo, describe
+
     summary = Demo(settings, options, out=lambda line: print(line, flush=True)).run()
     print(describe(summary))
     return 0 if all(summary["checks"].values()) else 1

@@ -7,7 +7,7 @@ import logging
 
 from stream_ml.config import Settings, add_arguments, env_name
 from stream_ml.features import feature_set
-from stream_ml.serving.app import ServeOptions
+from stream_ml.serving.options import ServeOptions
 from stream_ml.stack import NotConfigured, kafka_bootstrap, redis_url
 
 log = logging.getLogger("stream_ml.serve")

@@ -7,7 +7,7 @@ import argparse
 from stream_ml.config import Settings, add_arguments
 from stream_ml.features import feature_set
 from stream_ml.registry import STAGES, Registry
-from stream_ml.training.train import TrainOptions, train
+from stream_ml.training.options import TrainOptions
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -93,6 +93,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         progress=not args.quiet,
         log=None if args.quiet else lambda line: print(line, flush=True),
     )
+    from stream_ml.training.train import train  # torch: only when training
+
     result = train(args.dataset, options)
     print()
     print(result.summary())

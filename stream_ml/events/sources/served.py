@@ -25,8 +25,8 @@ from stream_ml.events.label import Label
 from stream_ml.events.prediction import Prediction
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import FeatureSet
-from stream_ml.serving.app import ServeOptions
 from stream_ml.serving.model import ScoringModel
+from stream_ml.serving.options import ServeOptions
 from stream_ml.training.pointintime import PointInTime
 
 _TAG = "served:0"
