@@ -36,8 +36,8 @@ from stream_ml.events.sources.served import served
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.features import feature_set
 from stream_ml.feedback.online import Example, OnlineLearner
-from stream_ml.feedback.watch import WatchOptions
-from stream_ml.feedback.worker import FeedbackOptions, FeedbackWorker
+from stream_ml.feedback.options import FeedbackOptions, WatchOptions
+from stream_ml.feedback.worker import FeedbackWorker
 from stream_ml.registry import Registry
 from stream_ml.serving.model import default_model
 from stream_ml.stack import kafka_bootstrap, local, redis_url

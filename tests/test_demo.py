@@ -29,8 +29,8 @@ from stream_ml.stack.processes import Process
 SHORT_RUN = (
     "--duration", "12",
     "--rate", "80",
-    "--history", "3000",
-    "--fraud-rate", "0.03",
+    "--history", "4000",
+    "--fraud-rate", "0.05",
     "--window-events", "300",
     "--shift-at", "0.2",
     "--retrain-at", "0.3",

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import random
 import uuid
 
+import msgpack
+import pytest
 import redis.asyncio as aioredis
 
 from stream_ml.config import Settings
 from stream_ml.events import Label
-from stream_ml.events.prediction import Prediction, encode_prediction
+from stream_ml.events.codec import InvalidMessage
+from stream_ml.events.prediction import (
+    Prediction,
+    decode_prediction,
+    decode_stored_prediction,
+    encode_prediction,
+)
 from stream_ml.feedback.join import Clocks, Entry, JoinLogic, JoinStore, PartitionBatch
 from stream_ml.stack import redis_url
 
@@ -183,3 +193,142 @@ def test_entry_encoding_round_trips():
     _, raw = _prediction("a", T0)
     entry = Entry(T0 + TTL, {"production": raw}, None, False)
     assert Entry.decode(entry.encode()) == entry
+
+
+# -- the stored predictions: decoded without validating them again -------------------------------
+
+
+def _accepted_forms() -> list[bytes]:
+    """Prediction records that decode_prediction accepts, in every form a producer may send."""
+    p = Prediction("e1", T0, 0.25, "review", "v1", "shadow", "fs", [1.0, float("nan"), -3.5], T0 + 7)
+    base = p.to_dict()
+    json_safe = base | {"features": [1, 2.5, 0]}
+    return [
+        encode_prediction(p),
+        encode_prediction(dataclasses.replace(p, degraded=True)),
+        msgpack.packb({k: v for k, v in base.items() if k != "degraded"}),  # no degraded, no v
+        msgpack.packb(base | {"score": 1, "features": [1, 2, 3], "degraded": 1, "v": 1}),  # ints
+        msgpack.packb(base | {"event_time": float(T0), "served_at": float(T0 + 7), "degraded": 0}),
+        msgpack.packb(base | {"extra": "rides along", "features": []}),
+        json.dumps(json_safe).encode(),
+        json.dumps(json_safe | {"score": 0, "event_time": float(T0), "degraded": 1}).encode(),
+        b"  " + json.dumps(json_safe).encode(),
+    ]
+
+
+def test_stored_predictions_decode_as_the_validating_decoder_does():
+    for raw in _accepted_forms():
+        expected, got = decode_prediction(raw), decode_stored_prediction(raw)
+        assert repr(got) == repr(expected)  # repr: NaN features compare equal, types show
+        assert [type(v) for v in got.to_dict().values()] == [type(v) for v in expected.to_dict().values()]
+        assert all(type(x) is float for x in got.features)
+
+
+def test_stored_predictions_that_do_not_decode_fail_with_the_validators_reason():
+    p = Prediction("e1", T0, 0.25, "review", "v1", "shadow", "fs", [1.0], T0 + 7)
+    broken = [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb({k: v for k, v in p.to_dict().items() if k != "served_at"}),
+        msgpack.packb(p.to_dict() | {"features": None}),
+        msgpack.packb(p.to_dict() | {"event_time": "soon"}),
+        msgpack.packb(p.to_dict() | {"v": 2}),
+    ]
+    for raw in broken:
+        with pytest.raises(InvalidMessage) as expected:
+            decode_prediction(raw)
+        with pytest.raises(InvalidMessage) as got:
+            decode_stored_prediction(raw)
+        assert str(got.value) == str(expected.value)
+    # What decodes is not checked again: stored predictions were validated when they came in.
+    assert decode_stored_prediction(msgpack.packb(p.to_dict() | {"score": 2.0})).score == 2.0
+
+
+def test_a_json_prediction_joins_as_validated():
+    p = Prediction("a", T0 - 5, 0.5, "approve", "v1", "production", "fs", [1.0, 2.0], T0)
+    raw = json.dumps(p.to_dict() | {"score": 0.5, "features": [1, 2], "event_time": float(T0 - 5)}).encode()
+    logic = JoinLogic(TTL)
+    out = logic.step({"a": None}, [(decode_prediction(raw), raw)], [])
+    out = logic.step(out.entries, [], [_label("a", T0 + 10)], out.clocks)
+    (j,) = out.joined
+    assert j.predictions == [p] and type(j.served().event_time) is int
+
+
+# -- the batch's writes: one command per kind of change, the same state -------------------------
+
+
+def test_a_batchs_writes_leave_the_state_the_logic_computes(stack: Settings):
+    """Every kind of change in one batch (new, updated, joined from either side, deleted, swept):
+    Redis holds exactly the entries, and expiry sets, that the logic's steps give."""
+    rng = random.Random(5)
+
+    async def state(client: aioredis.Redis, prefix: str) -> tuple[dict, dict]:
+        keys = sorted(k.decode() for k in await client.keys(prefix + "e:*"))
+        blobs = await client.mget(keys) if keys else []
+        entries = {k.rsplit(":", 1)[1]: Entry.decode(b) for k, b in zip(keys, blobs, strict=True)}
+        expiries = {
+            kind: {
+                m.decode(): int(s)
+                for m, s in await client.zrange(f"{prefix}exp:{kind}", 0, -1, withscores=True)
+            }
+            for kind in "plj"
+        }
+        return entries, {k: v for k, v in expiries.items() if v}
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_url(stack))
+        store = JoinStore(client, f"join-{uuid.uuid4().hex[:6]}", TTL)
+        prefix = store.prefix(1)
+        memory: dict[str, Entry] = {}
+        clocks = Clocks()
+        try:
+            for b in range(6):
+                t = T0 + b * TTL // 2  # the clocks pass some entries every other batch
+                ids = [f"e{rng.randrange(60)}" for _ in range(40)]
+                predictions = [
+                    _prediction(i, t + k, rng.choice(["production", "shadow"]))
+                    for k, i in enumerate(ids[:25])
+                ]
+                labels = [_label(i, t + k, rng.random() < 0.3) for k, i in enumerate(ids[15:])]
+                batch = PartitionBatch(1, predictions, labels, {"predictions": b, "labels": b})
+                result = await store.apply(batch)
+
+                wanted = {i: memory.get(i) for i in {p.event_id for p, _ in predictions} | set(ids[15:])}
+                expected = JoinLogic(TTL).step(
+                    {i: (Entry.decode(e.encode()) if e else None) for i, e in wanted.items()},
+                    predictions,
+                    labels,
+                    clocks,
+                )
+                before, clocks = clocks, expected.clocks
+                for i, e in expected.entries.items():
+                    if e is None:
+                        memory.pop(i, None)
+                    else:
+                        memory[i] = e
+                # the sweep: entries the batch did not touch, of the kinds whose bound moved
+                for i, e in list(memory.items()):
+                    kind = e.kind()
+                    if (
+                        i not in wanted
+                        and e.expires < clocks.bound(kind)
+                        and clocks.bound(kind) > before.bound(kind)
+                    ):
+                        del memory[i]
+                        if kind != "j":
+                            expected.outcomes["expired_label" if kind == "l" else "expired_prediction"] += 1
+                assert +result.outcomes == +expected.outcomes
+                assert sum(expected.outcomes[k] for k in ("joined", "expired_prediction")) > 0 or b == 0
+                entries, expiries = await state(client, prefix)
+                assert entries == memory
+                assert expiries == {
+                    kind: {i: e.expires for i, e in memory.items() if e.kind() == kind}
+                    for kind in "plj"
+                    if any(e.kind() == kind for e in memory.values())
+                }
+                assert await store.offsets(1) == {"predictions": b, "labels": b}
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY
+from river import preprocessing
 
 from stream_ml.features import FRAUD_FEATURES
 from stream_ml.feedback import snapshot
 from stream_ml.feedback.forest import OnlineForest
-from stream_ml.feedback.logistic import OnlineLogistic, as_river_inputs
+from stream_ml.feedback.logistic import (
+    OnlineLogistic,
+    RunningScaler,
+    as_river_inputs,
+    model_rows,
+    rows_as_dicts,
+)
 from stream_ml.feedback.online import FOREST, LOGISTIC, Example, OnlineLearner
 from stream_ml.feedback.progressive import RollingMetrics
 from stream_ml.registry import FeatureSetMismatch, Registry, RegistryError
@@ -355,3 +362,70 @@ def test_the_forest_learns_every_fraud_and_a_sample_of_the_rest():
     # corrected for the sample, the scores are near the true rate, not the sample's (about 25 %)
     scores = [model.predict_proba_one(r) for r in x[-3_000:].tolist()]
     assert np.mean(scores) == pytest.approx(y.mean(), rel=0.3)
+
+
+# -- the scaler: river's numbers, learnt on arrays -----------------------------------------------
+
+
+def test_the_array_scaler_is_rivers_standard_scaler_bit_for_bit():
+    rng = np.random.default_rng(11)
+    x = vectors(3000, rng)  # a constant feature (variance 0) and missing values among them
+    x[:, 0] *= 1e6  # and very different scales
+    rows = model_rows(x.tolist(), NAMES)
+    dicts = rows_as_dicts(rows, NAMES)
+    ours, theirs = RunningScaler(len(NAMES)), preprocessing.StandardScaler()
+    assert ours.transform_one(dicts[0]) == theirs.transform_one(dicts[0])  # before any example
+    for i, (row, d) in enumerate(zip(rows, dicts, strict=True)):
+        if i % 50 == 0 or i < 5:
+            assert ours.transform_one(d) == theirs.transform_one(d)
+            assert ours.means.tolist() == [theirs.means[n] for n in NAMES]
+            assert ours.vars.tolist() == [theirs.vars[n] for n in NAMES]
+            assert ours.counts.tolist() == [theirs.counts[n] for n in NAMES]
+        ours.learn(row)
+        theirs.learn_one(d)
+    assert ours.transform_one(dicts[-1])[NAMES[CONSTANT]] == 0.0
+
+
+def _river_logistic_scores(x: np.ndarray, y: np.ndarray) -> tuple[list[float], dict, float]:
+    """The online logistic model as it was written on river's StandardScaler: the reference."""
+    scaler = preprocessing.StandardScaler()
+    model = OnlineLogistic(NAMES).model  # a fresh river LogisticRegression with the same settings
+    positives = negatives = 0
+    scores = []
+    for d, label in zip(as_river_inputs(x.tolist(), NAMES), y.tolist(), strict=True):
+        z = scaler.transform_one(d)
+        w = math.sqrt(max(negatives, 1) / max(positives, 1))
+        p = model.predict_proba_one(z)[True]
+        scores.append(p / (p + (1.0 - p) * w))
+        if label:  # a positive is weighted by the counts with it
+            positives += 1
+            model.learn_one(z, True, math.sqrt(max(negatives, 1) / max(positives, 1)))
+        else:
+            negatives += 1
+            model.learn_one(z, False, 1.0)
+        scaler.learn_one(d)
+    return scores, dict(model.weights), model.intercept
+
+
+def test_the_online_logistic_model_learns_exactly_as_on_rivers_scaler():
+    rng = np.random.default_rng(12)
+    x = vectors(4000, rng)
+    y = labels(x, rng)
+    expected, weights, intercept = _river_logistic_scores(x, y)
+    # through the learner (batches of rows) ...
+    learner = OnlineLearner(NAMES, window=len(x))
+    for i in range(0, len(x), 700):
+        learner.learn_many(
+            Example(r, bool(t), i, {}) for r, t in zip(x[i : i + 700].tolist(), y[i : i + 700], strict=True)
+        )
+    assert learner.rolling[LOGISTIC].pairs()[1].tolist() == expected
+    assert dict(learner.logistic.model.weights) == weights and learner.logistic.model.intercept == intercept
+    # ... and one vector at a time, or one dict at a time (in any key order)
+    one, by_dict = OnlineLogistic(NAMES), OnlineLogistic(NAMES)
+    for row, d, label, p in zip(
+        x.tolist(), as_river_inputs(x.tolist(), NAMES), y.tolist(), expected, strict=True
+    ):
+        assert one.predict_proba_one(row) == p
+        one.learn_one(row, label)
+        assert by_dict.predict_learn_dict(dict(reversed(d.items())), label) == p
+    assert dict(one.model.weights) == weights == dict(by_dict.model.weights)

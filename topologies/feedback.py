@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from stream_ml.config import Settings
 from stream_ml.features import feature_set
-from stream_ml.feedback.worker import FeedbackOptions, FeedbackWorker
+from stream_ml.feedback.options import FeedbackOptions
+from stream_ml.feedback.worker import FeedbackWorker
 from stream_ml.registry import Registry
 from stream_ml.stack import kafka_bootstrap, redis_url
 

@@ -6,8 +6,7 @@ import argparse
 
 from stream_ml import runner
 from stream_ml.config import Settings, add_arguments
-from stream_ml.feedback.watch import WatchOptions
-from stream_ml.feedback.worker import FeedbackOptions
+from stream_ml.feedback.options import FeedbackOptions, WatchOptions
 
 
 def register_worker(topologies: argparse._SubParsersAction) -> None:

@@ -45,7 +45,7 @@ import msgpack
 import redis.asyncio as aioredis
 
 from stream_ml.events.label import Label, decode_label, encode_label
-from stream_ml.events.prediction import Prediction, decode_prediction
+from stream_ml.events.prediction import Prediction, decode_stored_prediction
 
 NAMESPACE = "sm"
 OUTCOMES = (
@@ -184,10 +184,10 @@ class JoinLogic:
             elif entry.joined or entry.label is not None:
                 outcomes["duplicate_label"] += 1
             else:
-                served = sorted(
-                    (decode_prediction(raw) for raw in entry.predictions.values()),
-                    key=lambda p: p.variant != "production",
-                )
+                # stored once validated: decoded without the checks
+                served = [decode_stored_prediction(raw) for raw in entry.predictions.values()]
+                if len(served) > 1:
+                    served.sort(key=_production_first)
                 joined.append(Joined(label.event_id, label, served))
                 outcomes["joined"] += 1
                 tombstone = Entry(t + self.ttl_ms, joined=True)
@@ -208,6 +208,10 @@ class JoinLogic:
             outcomes["expired_label"] += 1
         elif kind == "p":
             outcomes["expired_prediction"] += 1
+
+
+def _production_first(p: Prediction) -> bool:
+    return p.variant != "production"
 
 
 @dataclass(slots=True)
@@ -265,16 +269,30 @@ class JoinStore:
         result.outcomes["expired_label"] += len(swept.get("l", ()))
         result.outcomes["expired_prediction"] += len(swept.get("p", ()))
 
+        # One command per kind of change, not three per entry: the same writes, in one MULTI/EXEC
+        # (each event's old expiry is removed before its new one is added).
+        unlisted: dict[str, list[str]] = {}  # kind -> event ids whose stored entry was of that kind
+        listed: dict[str, dict[str, int]] = {}  # kind -> event id -> expiry, of the entries written
+        written: dict[str, bytes] = {}
+        deleted: list[str] = []
+        for event_id, entry in result.entries.items():
+            old = entries.get(event_id)
+            if old is not None:
+                unlisted.setdefault(old.kind(), []).append(event_id)
+            if entry is None:
+                deleted.append(prefix + "e:" + event_id)
+            else:
+                written[prefix + "e:" + event_id] = entry.encode()
+                listed.setdefault(entry.kind(), {})[event_id] = entry.expires
         async with self.client.pipeline(transaction=True) as pipe:
-            for event_id, entry in result.entries.items():
-                old = entries.get(event_id)
-                if old is not None:
-                    pipe.zrem(f"{prefix}exp:{old.kind()}", event_id)
-                if entry is None:
-                    pipe.delete(prefix + "e:" + event_id)
-                else:
-                    pipe.set(prefix + "e:" + event_id, entry.encode())
-                    pipe.zadd(f"{prefix}exp:{entry.kind()}", {event_id: entry.expires})
+            for kind, gone in unlisted.items():
+                pipe.zrem(f"{prefix}exp:{kind}", *gone)
+            if deleted:
+                pipe.delete(*deleted)
+            if written:
+                pipe.mset(written)
+            for kind, expiries in listed.items():
+                pipe.zadd(f"{prefix}exp:{kind}", expiries)
             for kind, gone in swept.items():
                 if gone:
                     pipe.zrem(f"{prefix}exp:{kind}", *gone)

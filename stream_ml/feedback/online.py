@@ -38,9 +38,9 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from stream_ml.feedback.forest import OnlineForest
-from stream_ml.feedback.logistic import OnlineLogistic, as_river_inputs
+from stream_ml.feedback.logistic import OnlineLogistic, model_rows, rows_as_dicts
 from stream_ml.feedback.progressive import RollingMetrics
-from stream_ml.serving.app import ServeOptions
+from stream_ml.serving.options import ServeOptions
 
 LOGISTIC = "online-logistic"
 FOREST = "online-forest"
@@ -111,12 +111,15 @@ class OnlineLearner:
         examples = list(examples)
         if not examples:
             return
-        rows = as_river_inputs([e.features for e in examples], self.names)
+        # One conversion for the batch: the rows as float64 arrays (the logistic model's scaler
+        # learns those) and as river's dicts (the same numbers), shared by both models.
+        rows = model_rows([e.features for e in examples], self.names)
+        dicts = rows_as_dicts(rows, self.names)
         labels = [bool(e.is_fraud) for e in examples]
         logistic, forest = self.logistic, self.forest
         p_logistic, p_forest = [], []
-        for x, y in zip(rows, labels, strict=True):
-            p_logistic.append(logistic.predict_learn_dict(x, y))
+        for row, x, y in zip(rows, dicts, labels, strict=True):
+            p_logistic.append(logistic.predict_learn(x, row, y))
             p_forest.append(forest.predict_learn_dict(x, y))
         y = np.array(labels, dtype=bool)
         self.rolling[LOGISTIC].add_many(y, p_logistic)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,19 +20,12 @@ from stream_ml.events.drift import Record, record
 from stream_ml.events.prediction import Prediction
 from stream_ml.features.definitions import FeatureSet
 from stream_ml.feedback import metrics as feedback_metrics
+from stream_ml.feedback.options import WatchOptions
 from stream_ml.monitoring import metrics
 from stream_ml.monitoring.drift import DriftDetector, PerformanceMonitor, WindowReport, bootstrap_reference
 from stream_ml.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class WatchOptions:
-    window_s: int = 3600  # tumbling windows of event time
-    window_events: int | None = None  # or windows of this many predictions
-    bootstrap_rows: int = 5_000  # predictions that become the reference of a model without one
-    idle_windows: int = 2  # a version unseen this many windows (of event time) is closed and dropped
 
 
 class DriftWatch:
@@ -51,13 +43,14 @@ class DriftWatch:
         """Feed a batch of served predictions; the ``drift`` records of the windows that closed."""
         by_version: dict[str, list[Prediction]] = {}
         names = self.feature_set.names
+        version = self.feature_set.version  # read once: hashed out of the feature set on every access
         for p in predictions:
             if p.variant != "production":
                 continue
             if p.degraded:
                 feedback_metrics.SKIPPED.labels("drift_degraded").inc()
                 continue
-            if p.feature_set != self.feature_set.version or len(p.features) != len(names):
+            if p.feature_set != version or len(p.features) != len(names):
                 feedback_metrics.SKIPPED.labels("other_feature_set").inc()
                 continue
             by_version.setdefault(p.model_version, []).append(p)
