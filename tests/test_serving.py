@@ -191,6 +191,25 @@ def test_bad_input_gets_a_clear_4xx(server: Server):
     assert status == 413
 
 
+def test_every_answer_is_counted_by_status(server: Server):
+    def counts() -> dict[str, float]:
+        lines = server.get("/metrics")[1]["text"].splitlines()
+        prefix = 'stream_ml_score_responses_total{endpoint="score",status="'
+        return {
+            line[len(prefix) : line.index('"', len(prefix))]: float(line.split()[-1])
+            for line in lines
+            if line.startswith(prefix)
+        }
+
+    before = counts()
+    server.score(TX, key="wrong-key")
+    server.score({**TX, "amount": "abc"})
+    server.score(TX)
+    after = counts()
+    for status in ("401", "422", "200"):
+        assert after.get(status, 0) - before.get(status, 0) == 1, (status, before, after)
+
+
 def test_batch_answers_each_transaction(server: Server):
     body = [{**TX, "event_id": f"b{i}"} for i in range(10)] + [{**TX, "event_id": "bad", "currency": "eur"}]
     status, answer, _ = server.request("/score/batch", json.dumps(body).encode(), {"X-API-Key": KEY})

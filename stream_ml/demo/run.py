@@ -374,8 +374,11 @@ class Demo:
             self.say(f"{name} failed: {exc}")
         return r
 
-    async def _command(self, name: str, args: list[str]) -> tuple[int, str]:
-        """Run a ``stream-ml`` command to the end; its stderr (and stdout) go to its log."""
+    async def _command(self, name: str, args: list[str], batch: bool = True) -> tuple[int, str]:
+        """Run a ``stream-ml`` command to the end; its stderr (and stdout) go to its log.
+
+        ``batch``: at a lower CPU priority, beside the live traffic.
+        """
         log = self.logs / f"{name}.log"
         with open(log, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
@@ -386,7 +389,7 @@ class Demo:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
                 env=self._env(),
-                preexec_fn=_batch_priority,
+                preexec_fn=_batch_priority if batch else None,
             )
             try:
                 stdout, _ = await proc.communicate()
@@ -401,7 +404,7 @@ class Demo:
 
     async def _drift_report(self) -> Path | None:
         path = self.out_dir / "drift-report"
-        code, _ = await self._command("drift-report", ["drift", "report", "--output", str(path)])
+        code, _ = await self._command("drift-report", ["drift", "report", "--output", str(path)], batch=False)
         index = path / "index.html"
         if code != 0 or not index.exists():
             self.say(f"drift report: not written; {tail(str(self.logs / 'drift-report.log'), 3)}")

@@ -419,8 +419,10 @@ def create_app(scorer: Scorer) -> Starlette:
             body = await read_body(request)
             answer = await score_one(body, deadline(request, started), started)
         except HTTPError as exc:
+            metrics.RESPONSES.labels("score", str(exc.status)).inc()
             return _error(exc)
         metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        metrics.RESPONSES.labels("score", "200").inc()
         return JSONResponse(answer)
 
     async def score_batch(request: Request) -> Response:
@@ -437,6 +439,7 @@ def create_app(scorer: Scorer) -> Starlette:
                 *(score_one(f, until, started) for f in body), return_exceptions=True
             )
         except HTTPError as exc:
+            metrics.RESPONSES.labels("score_batch", str(exc.status)).inc()
             return _error(exc)
         results = [
             a if not isinstance(a, HTTPError) else {"error": str(a), "status": a.status} for a in answers
@@ -445,6 +448,7 @@ def create_app(scorer: Scorer) -> Starlette:
             if isinstance(a, Exception) and not isinstance(a, HTTPError):
                 raise a
         metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        metrics.RESPONSES.labels("score_batch", "200").inc()
         return JSONResponse({"results": results})
 
     async def healthz(request: Request) -> Response:

@@ -23,6 +23,11 @@ FEATURE_SECONDS = Histogram(
 )
 MODEL_SECONDS = Histogram("stream_ml_score_model_seconds", "Time of the model on a batch.", buckets=_LATENCY)
 REJECTED = Counter("stream_ml_score_rejected_total", "Calls refused, by reason.", ["reason"])
+RESPONSES = Counter(
+    "stream_ml_score_responses_total",
+    "Answers of /score and /score/batch, by HTTP status (every status: 401, 413, 422 too).",
+    ["endpoint", "status"],
+)
 DEGRADED = Counter(
     "stream_ml_score_degraded_total", "Transactions scored without stored features (store slow or down)."
 )
