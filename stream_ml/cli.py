@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     topologies = worker.add_subparsers(dest="topology", required=True, metavar="TOPOLOGY")
     features_cli.register_worker(topologies)
     feedback_cli.register_worker(topologies)
+    serving_cli.register_worker(topologies)
     features_cli.register(commands)
     serving_cli.register(commands)
     replay_cli.register(commands)

@@ -47,7 +47,7 @@ from stream_ml.serving import metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
 from stream_ml.serving.model import ScoringModel, default_model, load_model
 from stream_ml.serving.options import ServeOptions
-from stream_ml.serving.predictions import PredictionLog
+from stream_ml.serving.predictions import PredictionSink
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Scorer:
         redis_url: str,
         options: ServeOptions,
         model: ScoringModel | None = None,
-        predictions: PredictionLog | None = None,
+        predictions: PredictionSink | None = None,
         registry: Registry | None = None,
     ) -> None:
         self.options = options

@@ -71,12 +71,69 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=_serve)
 
 
+def register_worker(topologies: argparse._SubParsersAction) -> None:
+    d = ServeOptions()
+    cmd = topologies.add_parser(
+        "score",
+        help="stream scoring: transactions in, predictions out (the scorer without HTTP)",
+        description="Score every transaction of the transactions topic with the scorer's features, "
+        "micro-batcher and model (the registry's production version, followed as it changes; the "
+        "shadow too), publish the predictions and commit after the broker has them: at least once. "
+        "A consumer-group member: run more with the same --group to share the partitions. The "
+        "feature worker applies the same payments meanwhile, so a payment may be scored with itself "
+        "in its card's windows; score over HTTP before publishing where that matters.",
+    )
+    cmd.add_argument("--group", default="stream-ml-score", help="consumer group id")
+    cmd.add_argument("--metrics-port", type=int, default=9112, help="Prometheus /metrics port (0: off)")
+    cmd.add_argument(
+        "--batch-size",
+        type=int,
+        default=2_000,
+        help=f"most records read at once (at most {d.max_queue}, the batcher's queue)",
+    )
+    cmd.add_argument("--max-batch", type=int, default=d.max_batch, help="largest model batch")
+    cmd.add_argument("--review-threshold", type=float, default=d.review_threshold, help="score for review")
+    cmd.add_argument("--decline-threshold", type=float, default=d.decline_threshold, help="score for decline")
+    cmd.add_argument(
+        "--model-poll-s", type=float, default=d.model_poll_s, help="seconds between reads of the registry"
+    )
+    add_arguments(cmd)
+    cmd.set_defaults(run=_stream)
+
+
+def _stream(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_ml import runner
+    from topologies import score
+
+    d = ServeOptions()
+    if not 0 < args.batch_size <= d.max_queue:
+        raise ValueError(f"--batch-size must be between 1 and {d.max_queue}, got {args.batch_size}")
+    options = ServeOptions(
+        max_batch=args.max_batch,
+        review_threshold=args.review_threshold,
+        decline_threshold=args.decline_threshold,
+        degraded_ok=False,  # a stream can wait for the store; a degraded score would be logged for good
+        model_poll_s=args.model_poll_s,
+    )
+    runner.configure_logging()
+    worker = score.build(settings, options, args.group, args.batch_size)
+    runner.serve_metrics(args.metrics_port)
+    runner.log.info(
+        "stream scorer: group %s, model %s, %s → %s",
+        args.group,
+        worker.scorer.model.version,
+        settings.topic_transactions,
+        settings.topic_predictions,
+    )
+    return runner.run_worker(worker)
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from stream_ml.registry import Registry
     from stream_ml.serving.app import Scorer, create_app
-    from stream_ml.serving.model import default_model, load_model
+    from stream_ml.serving.model import production_model
     from stream_ml.serving.predictions import PredictionLog
 
     keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
@@ -103,19 +160,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError(f"--model-poll-s must be above 0, got {args.model_poll_s}")
     fs = feature_set(settings.feature_set)
     registry = Registry(settings.registry_path())
-    production = registry.stage("production")
-    if production is None:
-        model = default_model(fs)
-    else:
-        try:
-            model = load_model(
-                registry, production, fs, allow_feature_set_mismatch=args.allow_feature_set_mismatch
-            )
-        except Exception as exc:  # an unloadable production model: refuse, never serve the default
-            raise RuntimeError(
-                f"production points to {production}, which cannot be served: {exc} (roll back with "
-                "`stream-ml models rollback --stage production`)"
-            ) from None
+    model = production_model(registry, fs, allow_feature_set_mismatch=args.allow_feature_set_mismatch)
     try:
         predictions = PredictionLog(
             kafka_bootstrap(settings), settings.topic_predictions, args.prediction_buffer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
@@ -43,4 +43,14 @@ PREDICTIONS_LOGGED = Counter("stream_ml_score_predictions_logged_total", "Predic
 PREDICTIONS_DROPPED = Counter(
     "stream_ml_score_predictions_dropped_total",
     "Predictions not logged: the buffer was full (broker slow or down) or the broker failed them.",
+)
+
+# `stream-ml worker score`
+STREAM_EVENTS = Counter(
+    "stream_ml_stream_score_events_total", "Transactions read by the stream scorer, by outcome.", ["outcome"]
+)
+STREAM_LAG_EVENTS = Gauge(
+    "stream_ml_stream_score_consumer_lag_events",
+    "Records behind the end of each assigned partition.",
+    ["topic", "partition"],
 )

@@ -245,3 +245,25 @@ def register_default_model(registry: Registry, feature_set: FeatureSet, seed: in
         environment={"python": platform.python_version(), "torch": torch.__version__},
         reference={},
     )
+
+
+def production_model(
+    registry: Registry, feature_set: FeatureSet, *, allow_feature_set_mismatch: bool = False
+) -> ScoringModel:
+    """What to serve at start: the registry's production version, or the default before any.
+
+    A production version that cannot be loaded is an error, never a silent fall back to the
+    default model.
+    """
+    production = registry.stage("production")
+    if production is None:
+        return default_model(feature_set)
+    try:
+        return load_model(
+            registry, production, feature_set, allow_feature_set_mismatch=allow_feature_set_mismatch
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"production points to {production}, which cannot be served: {exc} (roll back with "
+            "`stream-ml models rollback --stage production`)"
+        ) from None

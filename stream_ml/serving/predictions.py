@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from typing import Protocol
 
 from aiokafka.errors import KafkaError
 
@@ -22,6 +23,16 @@ from stream_ml.serving import metrics
 log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.005
 RETRY_CONNECT_S = 2.0
+
+
+class PredictionSink(Protocol):
+    """Where the scorer puts each prediction: the log (HTTP), or the stream scorer's batch."""
+
+    def offer(self, prediction: Prediction) -> None: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class PredictionLog:
