@@ -277,9 +277,13 @@ def test_sigkill_and_restart_give_the_same_join_state(topics: Settings, tmp_path
         time.sleep(np.random.default_rng().uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    proc = subprocess.Popen([sys.executable, "-m", "stream_ml", *args], env=env, cwd=REPO)
+    log = tmp_path / "last.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "stream_ml", *args], env=env, cwd=REPO, stderr=err)
     try:
         _wait(lambda: _applied(client, group) >= len(items), 120)
+        # In its loop (the killed ones may have applied everything): a SIGTERM now is a clean stop.
+        _wait(lambda: "Successfully synced group" in log.read_text(), 60)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
