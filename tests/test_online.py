@@ -429,3 +429,23 @@ def test_the_online_logistic_model_learns_exactly_as_on_rivers_scaler():
         one.learn_one(row, label)
         assert by_dict.predict_learn_dict(dict(reversed(d.items())), label) == p
     assert dict(one.model.weights) == weights == dict(by_dict.model.weights)
+
+
+def test_the_reasons_are_the_largest_contributions_to_the_logit():
+    """Logistic model: input i adds w_i · (x_i − mean_i) / scale_i to the logit; the reasons are
+    the three largest positive ones (a feature on a large scale is not favoured nor penalised)."""
+    from stream_ml.serving.model import OnlineLogisticModule, ScoringModel
+
+    names = ["a", "b", "c", "d", "e"]
+    module = OnlineLogisticModule(len(names))
+    with torch.no_grad():
+        module.mean.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+        module.var.copy_(torch.tensor([1.0, 100.0**2, 0.5**2, 1.0, 1.0], dtype=torch.float64))
+        module.linear.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, -2.0, 0.1]], dtype=torch.float64))
+        module.linear.bias.zero_()
+    model = ScoringModel(module, names, "v", "fs", torch.device("cpu"))
+    x = [2.0, 50.0, 1.0, 1.0, 1.0]
+    # contributions: a 2.0, b 3 · 0.5 = 1.5, c 0.5 · 2 = 1.0, d −2.0, e 0.1
+    _, (reasons,) = model.score([x])
+    assert [name for name, _ in reasons] == ["a", "b", "c"]
+    assert reasons[0] == ("a", 2.0)

@@ -125,7 +125,9 @@ class ScoringModel:
         logits = self.module(x)
         (grad,) = torch.autograd.grad(logits.sum(), x)  # rows are independent: one pass for the batch
         with torch.no_grad():
-            push = (grad * (x - self.module.mean) / self.module.scale).cpu()
+            # Gradient × input in the model's normalised space: d logit/dz · z, with z = (x − mean) / scale
+            # and d logit/dz = grad · scale, which is grad · (x − mean): the scale cancels.
+            push = (grad * (x - self.module.mean)).cpu()
             scores = torch.sigmoid(logits).cpu().tolist()
             top = torch.topk(push, k=min(TOP_REASONS, push.shape[1]), dim=1)
         reasons = [
