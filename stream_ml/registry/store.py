@@ -111,12 +111,13 @@ class Registry:
         reference_bytes = json.dumps(reference, sort_keys=True, allow_nan=False).encode()
         weights_sha = _sha256(weights_bytes)
         now = datetime.now(UTC)
-        version = version or f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:8]}"
+        # Milliseconds in the id: versions registered within one second still sort by time.
+        version = version or f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{weights_sha[:8]}"
         _check_version_id(version)
         meta = {
             "format": FORMAT,
             "version": version,
-            "created_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "created_at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "feature_set": feature_set,
             "feature_names": list(feature_names),
             "architecture": architecture,
