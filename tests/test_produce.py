@@ -197,3 +197,65 @@ def test_produce_file_with_a_column_mapping(topics: Settings, tmp_path):
     }
     assert labels["a1"].is_fraud and not labels["a3"].is_fraud
     assert labels["a1"].label_time == a1.event_time + 60_000
+
+
+def test_the_producer_counts_what_it_published_on_its_metrics_port(topics: Settings):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from helpers import REPO, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_ml", "produce", "synthetic", "--quiet", "--seed", "5", "--rate", "300",
+         "--duration", "6", "--label-delay", "1", "--metrics-port", str(port)],
+        env=settings_env(topics), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    counted: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                time.sleep(0.2)
+                continue
+            for line in text.splitlines():
+                if line.startswith("stream_ml_produced_events_total{"):
+                    counted[line.split('topic="')[1].split('"')[0]] = float(line.split()[-1])
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    n_tx, n_labels = _published(out)
+    # Read while it ran: never more than it published in the end, and something already.
+    assert 0 < counted.get(topics.topic_transactions, 0) <= n_tx
+    assert counted.get(topics.topic_labels, 0) <= n_labels
+
+
+def test_publish_counts_every_event_by_topic(topics: Settings):
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from stream_ml.events.publish import publish
+    from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
+
+    def value(topic: str) -> float:
+        return REGISTRY.get_sample_value("stream_ml_produced_events_total", {"topic": topic}) or 0.0
+
+    before = value(topics.topic_transactions), value(topics.topic_labels)
+    items = list(
+        SyntheticStream(SyntheticConfig(seed=3, start_ms=START_MS, rate=500, label_delay_s=1)).items(
+            until_ms=START_MS + 12_000
+        )
+    )
+    report = asyncio.run(publish(topics, kafka_bootstrap(topics), items, progress=False))
+    assert report.transactions > 2_048  # past a progress step, where the counters move mid-run
+    assert value(topics.topic_transactions) - before[0] == report.transactions
+    assert value(topics.topic_labels) - before[1] == report.labels

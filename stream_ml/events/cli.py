@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from stream_ml import runner
 from stream_ml.config import Settings, add_arguments, env_name
 from stream_ml.events.gateway import Gateway
 from stream_ml.events.label import Label
@@ -88,6 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "predictions that the feedback worker joins with the labels",
     )
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    syn.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     add_arguments(syn)
     syn.set_defaults(run=_synthetic)
 
@@ -124,12 +126,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     fil.add_argument("--rate", type=float, default=0.0, help="events per second (default 0: flat out)")
     fil.add_argument("--strict", action="store_true", help="publish nothing if any row is invalid")
     fil.add_argument("--quiet", action="store_true", help="no progress bar")
+    fil.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     add_arguments(fil)
     fil.set_defaults(run=_file)
 
 
 def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = kafka_bootstrap(settings)
+    runner.serve_metrics(args.metrics_port)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     start_ms = int(time.time() * 1000) if args.start == "now" else _time_arg(args.start, "--start")
     span_ms = int(args.duration * args.time_scale * 1000)
@@ -216,6 +220,7 @@ def _pairs(specs: list[str], flag: str) -> dict[str, str]:
 
 def _file(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = kafka_bootstrap(settings)
+    runner.serve_metrics(args.metrics_port)
     if not args.path.is_file():
         raise FileNotFoundError(f"{args.path}: no such file")
     loaded = files.load(

@@ -21,6 +21,7 @@ import numpy as np
 
 from stream_ml.config import Settings
 from stream_ml.events.label import Label, encode_label
+from stream_ml.events.metrics import PRODUCED, SCORED_BY_GATEWAY
 from stream_ml.events.publish import Schedule
 from stream_ml.events.transaction import Transaction, encode_transaction
 from stream_ml.kafka import BatchPublisher, producer
@@ -128,6 +129,7 @@ class Gateway:
                     else:
                         t = item.label_time
                         out.add(label_topic, item.event_id.encode(), encode_label(item), t)
+                        PRODUCED.labels(label_topic).inc()
                         self.traffic.labels += 1
                         self.traffic.frauds += item.is_fraud
                     if schedule is not None and i % _PACE_EVERY == 0:
@@ -163,9 +165,11 @@ class Gateway:
                 traffic.last_version = version
             else:
                 traffic.errors[status] += 1
+            SCORED_BY_GATEWAY.labels(str(status)).inc()
             out.add(
                 self.settings.topic_transactions, tx.card_id.encode(), encode_transaction(tx), tx.event_time
             )
+            PRODUCED.labels(self.settings.topic_transactions).inc()
             traffic.payments += 1
         finally:
             self._slots.release()

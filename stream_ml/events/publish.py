@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from stream_ml.config import Settings
 from stream_ml.events.label import Label, encode_label
+from stream_ml.events.metrics import PRODUCED
 from stream_ml.events.prediction import Prediction, encode_prediction
 from stream_ml.events.transaction import Transaction, encode_transaction
 from stream_ml.kafka import BatchPublisher, producer
@@ -84,6 +85,7 @@ async def publish(
         leave=False,
     )
     started = time.monotonic()
+    counted = PublishReport()
     try:
         out = BatchPublisher(kafka)
         tx_topic, label_topic = settings.topic_transactions, settings.topic_labels
@@ -112,12 +114,26 @@ async def publish(
                     await asyncio.sleep(wait)
             if i % _PROGRESS_EVERY == 0 and i:
                 bar.update(_PROGRESS_EVERY)
+                counted = _count(settings, report, counted)
         await out.flush()
     finally:
+        _count(settings, report, counted)
         report.seconds = time.monotonic() - started
         bar.close()
         await kafka.stop()
     return report
+
+
+def _count(settings: Settings, report: PublishReport, counted: PublishReport) -> PublishReport:
+    # Counters move every few thousand events, not per event: this loop is the producer's hot path.
+    for topic, now, before in (
+        (settings.topic_transactions, report.transactions, counted.transactions),
+        (settings.topic_labels, report.labels, counted.labels),
+        (settings.topic_predictions, report.predictions, counted.predictions),
+    ):
+        if now > before:
+            PRODUCED.labels(topic).inc(now - before)
+    return PublishReport(report.transactions, report.labels, report.predictions)
 
 
 async def _add(out: BatchPublisher, topic: str, key: str, value: bytes, t: int) -> bool:
