@@ -129,6 +129,10 @@ class Demo:
 
     def _start(self) -> None:
         o = self.options
+        # A stack left in this folder by a demo that was killed holds that demo's log: a fresh one.
+        left = local.down(self.settings)
+        if left:
+            self.say(f"stopped what an earlier demo left running here: {', '.join(p.name for p in left)}")
         report = local.up(self.settings)
         self.stack_started = bool(report.started)
         self.say(
