@@ -97,9 +97,11 @@ def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
     assert not any(p.is_running() for p in started)
 
 
-def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def _start_demo(out: Path) -> tuple[subprocess.Popen[str], list[Process]]:
+    """A demo on its own stack, once it has started its processes (and the processes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_ML_")}
+    recorded = out / "processes.json"
+    before = recorded.read_text() if recorded.exists() else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream_ml", "demo", *SHORT_RUN, "--output", str(out)],
         env=env,
@@ -108,15 +110,22 @@ def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    deadline = time.monotonic() + 120
+    while not recorded.exists() or recorded.read_text() == before:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "the demo did not start its processes"
+        time.sleep(0.2)
+    started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+    assert {p.name for p in started} == {"features", "feedback", "scorer", "kafka", "redis"}
+    assert all(p.is_running() for p in started)
+    return proc, started
+
+
+def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    proc, started = _start_demo(out)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "processes.json").exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the demo did not start its processes"
-            time.sleep(0.2)
-        started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
-        assert {p.name for p in started} == {"features", "feedback", "scorer", "kafka", "redis"}
-        assert all(p.is_running() for p in started)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -124,6 +133,25 @@ def test_demo_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 130, output
     assert "stopped: the workers, the scorer and the stack" in output
+    assert not any(p.is_running() for p in started)
+
+
+def test_a_demo_killed_outright_is_cleaned_up_by_the_next_one(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    killed, orphans = _start_demo(out)
+    killed.kill()  # SIGKILL: no cleanup; its processes live on in their own sessions
+    killed.communicate(timeout=30)
+    assert all(p.is_running() for p in orphans)
+    proc, started = _start_demo(out)
+    try:
+        assert not any(p.is_running() for p in orphans)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped what an earlier demo left running here" in output, output
     assert not any(p.is_running() for p in started)
 
 

@@ -129,8 +129,11 @@ class Demo:
 
     def _start(self) -> None:
         o = self.options
-        # A stack left in this folder by a demo that was killed holds that demo's log: a fresh one.
-        left = local.down(self.settings)
+        # What a killed demo left running here (its workers; its stack, which holds its log) goes first.
+        left = [p for p in _recorded(self.out_dir / "processes.json") if p.is_running()]
+        for process in left:
+            process.stop()
+        left += local.down(self.settings)
         if left:
             self.say(f"stopped what an earlier demo left running here: {', '.join(p.name for p in left)}")
         report = local.up(self.settings)
@@ -167,9 +170,13 @@ class Demo:
             f"started: feature worker, feedback worker, scorer on http://127.0.0.1:{scorer.port} "
             f"(pids {', '.join(str(p.pid) for p in self.processes)})"
         )
-        (self.out_dir / "processes.json").write_text(
+        # Replaced whole (written aside, then renamed): a reader never sees half a list.
+        recorded = self.out_dir / "processes.json"
+        aside = recorded.with_suffix(".json.tmp")
+        aside.write_text(
             json.dumps([p.to_json() for p in self.processes] + self._stack_processes(), indent=2)
         )
+        aside.replace(recorded)
 
     def _spawn(self, name: str, args: list[str], metrics: str | None) -> Process:
         port = self.ports[metrics or name]
@@ -575,6 +582,16 @@ def _short(version: str | None, width: int = 28) -> str:
 
 def _round(value: float) -> float:
     return round(float(value), 1)
+
+
+def _recorded(path: Path) -> list[Process]:
+    """The processes an earlier demo recorded in ``path`` (none if it is missing or unreadable)."""
+    try:
+        return [
+            Process(**{k: v for k, v in p.items() if k != "running"}) for p in json.loads(path.read_text())
+        ]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def _until(
