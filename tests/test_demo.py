@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 from helpers import REPO, read_topic, run_cli, settings_env
 
@@ -49,7 +51,11 @@ def _demo_env(settings: Settings) -> dict[str, str]:
 
 def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = run_cli("demo", *SHORT_RUN, "--output", str(out), env=_demo_env(topics), timeout=300)
+    try:
+        result = run_cli("demo", *SHORT_RUN, "--output", str(out), env=_demo_env(topics), timeout=300)
+    finally:
+        if (out / "processes.json").exists():
+            _SEEN.extend(Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert all(summary["checks"].values()), summary["checks"]
@@ -97,6 +103,18 @@ def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
     assert not any(p.is_running() for p in started)
 
 
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """A failed or interrupted test must not leave a demo's processes running: stop them by PID."""
+    yield
+    for process in _SEEN:
+        process.stop()
+    _SEEN.clear()
+
+
+_SEEN: list[Process] = []
+
+
 def _start_demo(out: Path) -> tuple[subprocess.Popen[str], list[Process]]:
     """A demo on its own stack, once it has started its processes (and the processes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_ML_")}
@@ -116,6 +134,7 @@ def _start_demo(out: Path) -> tuple[subprocess.Popen[str], list[Process]]:
         assert time.monotonic() < deadline, "the demo did not start its processes"
         time.sleep(0.2)
     started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+    _SEEN.extend(started)
     assert {p.name for p in started} == {"features", "feedback", "scorer", "kafka", "redis"}
     assert all(p.is_running() for p in started)
     return proc, started
