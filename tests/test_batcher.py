@@ -64,3 +64,22 @@ def test_a_call_that_queued_work_would_make_late_is_refused_at_once() -> None:
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_cost_model_prediction_is_the_fit_of_the_current_timings():
+    """predict() reuses its fit until a timing or a prior changes it: the figures of a fresh fit."""
+    from stream_ml.serving.batcher import CostModel
+
+    def fresh(model: CostModel, n: int) -> float:
+        w, sn, snn, sy, sny = (a + b for a, b in zip(model._sums, model._prior, strict=True))
+        den = w * snn - sn * sn
+        a = max((w * sny - sn * sy) / den, 0.0) if den > 1e-12 else 0.0
+        return a * n + max((sy - a * sn) / w, 0.0)
+
+    model = CostModel()
+    for step, (n, seconds) in enumerate([(1, 0.003), (8, 0.004), (8, 0.005), (64, 0.02), (3, 0.001)]):
+        model.observe(n, seconds)
+        assert [model.predict(k) for k in (1, 7, 64)] == [fresh(model, k) for k in (1, 7, 64)]
+        if step == 2:
+            model.prior(0.0005, 0.004)
+            assert model.predict(5) == fresh(model, 5)

@@ -174,3 +174,32 @@ def test_serve_refuses_a_production_model_that_was_altered(store: str, tmp_path:
     result = run_cli("serve", "--port", "1", env=env, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "altered" in result.stderr and "models rollback --stage production" in result.stderr
+
+
+def test_mlp_reasons_without_autograd_are_autograd_s_bit_for_bit():
+    """The scorer's gradient pass for the MLP gives exactly torch.autograd's logits and gradients."""
+    import numpy as np
+    import torch
+
+    from stream_ml.features import FRAUD_FEATURES
+    from stream_ml.serving.model import _mlp_logits_and_grad, default_model
+
+    module = default_model(FRAUD_FEATURES, seed=3).module
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, threads):
+            torch.set_num_threads(n_threads)
+            for scale in (1.0, 10.0, 1e4, 1e30):
+                for n in (1, 2, 7, 31, 64, 128):
+                    x = torch.from_numpy(
+                        (rng.standard_normal((n, module.n_inputs)) * scale).astype(np.float32)
+                    )
+                    logits, grad = _mlp_logits_and_grad(module, x)
+                    xg = x.clone().requires_grad_(True)
+                    expected = module(xg)
+                    (expected_grad,) = torch.autograd.grad(expected.sum(), xg)
+                    assert torch.equal(logits, expected.detach()), (n, scale)
+                    assert torch.equal(grad, expected_grad), (n, scale)
+    finally:
+        torch.set_num_threads(threads)

@@ -399,3 +399,40 @@ def test_produce_through_the_scorer_needs_a_key(topics: Settings):
         env=settings_env(topics),
     )  # fmt: skip
     assert result.returncode == 2 and "STREAM_ML_API_KEYS" in result.stderr
+
+
+def test_answers_are_encoded_as_starlette_encodes_them():
+    from starlette.responses import JSONResponse
+
+    from stream_ml.serving.app import _JSONResponse
+
+    answer = {
+        "event_id": "é-1",
+        "score": 0.1234567890123,
+        "reasons": [{"feature": "amount", "value": 1e-300}, {"feature": "x", "value": 3.0}],
+        "degraded": False,
+        "latency_ms": 1.25,
+        "none": None,
+    }
+    assert _JSONResponse(answer).body == JSONResponse(answer).body
+    assert (
+        _JSONResponse(answer, status_code=503, headers={"Retry-After": "1"}).headers
+        == JSONResponse(answer, status_code=503, headers={"Retry-After": "1"}).headers
+    )
+    with pytest.raises(ValueError):
+        _JSONResponse({"score": float("nan")})
+
+
+def test_scoring_from_the_built_array_is_scoring_from_the_vectors():
+    builder = VectorBuilder(FRAUD_FEATURES)
+    model = default_model(FRAUD_FEATURES)
+    txs = [
+        Transaction(
+            f"e{i}", 1_795_420_000_000 + i * 3_600_000, f"c{i}", "m", 10.0 * i, "EUR", "FR", "ecom", None
+        )
+        for i in range(9)
+    ]
+    inputs = builder.build_array([{}] * len(txs), txs, [tx.event_time for tx in txs])
+    vectors = builder.build_many([{}] * len(txs), txs, [tx.event_time for tx in txs])
+    assert inputs.tolist() == vectors
+    assert model.score(vectors, inputs) == model.score(vectors)

@@ -51,6 +51,7 @@ class CostModel:
     def __init__(self, per_item_s: float = 0.0002, fixed_s: float = 0.002, decay: float = 0.98) -> None:
         self.decay = decay
         self._sums = [0.0] * 5  # weight, Σn, Σn², Σy, Σny (decayed)
+        self._fit: tuple[float, float] | None = None  # (a, b) of the current sums and prior
         self.prior(per_item_s, fixed_s)
 
     def prior(self, per_item_s: float, fixed_s: float, largest: int = 64) -> None:
@@ -59,17 +60,25 @@ class CostModel:
             sum(c)
             for c in zip(*[(0.5, 0.5 * n, 0.5 * n * n, 0.5 * y, 0.5 * n * y) for n, y in points], strict=True)
         ]
+        self._fit = None
 
     def observe(self, n: int, seconds: float) -> None:
         d = self.decay
         w, sn, snn, sy, sny = self._sums
         self._sums = [d * w + 1.0, d * sn + n, d * snn + n * n, d * sy + seconds, d * sny + n * seconds]
+        self._fit = None
 
     def predict(self, n: int) -> float:
-        w, sn, snn, sy, sny = (a + b for a, b in zip(self._sums, self._prior, strict=True))
-        den = w * snn - sn * sn
-        a = max((w * sny - sn * sy) / den, 0.0) if den > 1e-12 else 0.0
-        b = max((sy - a * sn) / w, 0.0)
+        # The fit changes only with a timing or a prior: every call meanwhile (several per request)
+        # reuses it, and gets the same figure as fitting again would give.
+        fit = self._fit
+        if fit is None:
+            w, sn, snn, sy, sny = (a + b for a, b in zip(self._sums, self._prior, strict=True))
+            den = w * snn - sn * sn
+            a = max((w * sny - sn * sy) / den, 0.0) if den > 1e-12 else 0.0
+            b = max((sy - a * sn) / w, 0.0)
+            self._fit = fit = (a, b)
+        a, b = fit
         return a * n + b
 
 
