@@ -21,7 +21,6 @@ import asyncio
 import itertools
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,15 +40,10 @@ from stream_ml.features import feature_set
 from stream_ml.features.worker import FeatureWorker, WorkerOptions
 from stream_ml.kafka import BatchPublisher, group_caught_up, producer
 from stream_ml.stack import kafka_bootstrap, local, redis_url
+from stream_ml.stack.processes import free_port
 from stream_ml.stack.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fresh_topics(settings: Settings) -> Settings:
@@ -204,8 +198,8 @@ def main() -> None:
         settings = replace(
             settings,
             state_dir=Path(tempfile.mkdtemp(prefix="stream-ml-bench-")),
-            kafka_port=_free_port(),
-            redis_port=_free_port(),
+            kafka_port=free_port(),
+            redis_port=free_port(),
         )
         local.up(settings)
     try:

@@ -26,8 +26,6 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from bench_features import _free_port
-
 from stream_ml.config import Settings
 from stream_ml.events import Label
 from stream_ml.events.prediction import Prediction
@@ -41,6 +39,7 @@ from stream_ml.feedback.worker import FeedbackWorker
 from stream_ml.registry import Registry
 from stream_ml.serving.model import default_model
 from stream_ml.stack import kafka_bootstrap, local, redis_url
+from stream_ml.stack.processes import free_port
 from stream_ml.stack.topics import ensure_topics
 
 START = 1_793_491_200_000
@@ -87,7 +86,7 @@ def main() -> None:
     )
 
     state = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
-    base = Settings.from_env({}, state_dir=state, kafka_port=_free_port(), redis_port=_free_port())
+    base = Settings.from_env({}, state_dir=state, kafka_port=free_port(), redis_port=free_port())
     local.up(base)
     try:
         tag = uuid.uuid4().hex[:6]

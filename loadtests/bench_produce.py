@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import socket
 import statistics
 import tempfile
 import time
@@ -27,15 +26,10 @@ from stream_ml.events.publish import publish
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.kafka import BatchPublisher, producer
 from stream_ml.stack import kafka_bootstrap, local
+from stream_ml.stack.processes import free_port
 from stream_ml.stack.topics import ensure_topics
 
 START_MS = 1_780_000_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def raw_ceiling(bootstrap: str, topic: str, n: int) -> float:
@@ -74,7 +68,7 @@ def main() -> None:
     own_stack = settings.kafka_bootstrap is None
     if own_stack:
         state = Path(tempfile.mkdtemp(prefix="stream-ml-bench-"))
-        settings = replace(settings, state_dir=state, kafka_port=_free_port(), redis_port=_free_port())
+        settings = replace(settings, state_dir=state, kafka_port=free_port(), redis_port=free_port())
         local.up(settings)
     try:
         bootstrap = kafka_bootstrap(settings)

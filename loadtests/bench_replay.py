@@ -23,8 +23,6 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from bench_features import _free_port
-
 from stream_ml.config import Settings
 from stream_ml.events import Transaction, decode_label, decode_transaction
 from stream_ml.events.publish import publish
@@ -32,6 +30,7 @@ from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.features import feature_set
 from stream_ml.kafka import consumer
 from stream_ml.stack import kafka_bootstrap, local
+from stream_ml.stack.processes import free_port
 from stream_ml.stack.topics import ensure_topics
 from stream_ml.training.pointintime import PointInTime
 from stream_ml.training.replay import ReplayOptions, replay
@@ -77,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     fs = feature_set("fraud")
     state = Path(tempfile.mkdtemp(prefix="bench-replay-"))
-    base = Settings.from_env({}, state_dir=state, kafka_port=_free_port(), redis_port=_free_port())
+    base = Settings.from_env({}, state_dir=state, kafka_port=free_port(), redis_port=free_port())
     local.up(base)
     try:
         tag = uuid.uuid4().hex[:6]

@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,15 +31,10 @@ from stream_ml.config import ENV_PREFIX, Settings
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.events.transaction import Transaction
 from stream_ml.stack import local, redis_url
+from stream_ml.stack.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "load-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Connections:
@@ -127,11 +121,11 @@ def main() -> None:
     settings = replace(
         Settings.from_env({}),
         state_dir=Path(tempfile.mkdtemp(prefix="stream-ml-load-")),
-        kafka_port=_free_port(),
-        redis_port=_free_port(),
+        kafka_port=free_port(),
+        redis_port=free_port(),
     )
     local.up(settings)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env |= {"STREAM_ML_STATE_DIR": str(settings.state_dir), "STREAM_ML_API_KEYS": KEY}
     server = subprocess.Popen(

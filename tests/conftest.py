@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from helpers import free_port
 
 from stream_ml.config import ENV_PREFIX, Settings
 from stream_ml.stack import kafka_bootstrap, local
+from stream_ml.stack.processes import free_port
 from stream_ml.stack.topics import ensure_topics
 
 # The user's own STREAM_ML_* settings must not leak into the tests.

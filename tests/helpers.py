@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,6 @@ from aiokafka.structs import ConsumerRecord
 from stream_ml.config import ENV_PREFIX, Settings
 
 REPO = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -55,7 +55,7 @@ def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
         result = run_cli("demo", *SHORT_RUN, "--output", str(out), env=_demo_env(topics), timeout=300)
     finally:
         if (out / "processes.json").exists():
-            _SEEN.extend(Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out))
+            _SEEN.extend(Process.from_json(p) for p in _processes(out))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert all(summary["checks"].values()), summary["checks"]
@@ -98,7 +98,7 @@ def test_demo_runs_every_station(topics: Settings, tmp_path: Path) -> None:
     assert "<html" in Path(summary["drift"]["report"]).read_text().lower()
 
     # Everything the demo started has stopped.
-    started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+    started = [Process.from_json(p) for p in _processes(out)]
     assert {p.name for p in started} == {"features", "feedback", "scorer"}
     assert not any(p.is_running() for p in started)
 
@@ -133,7 +133,7 @@ def _start_demo(out: Path) -> tuple[subprocess.Popen[str], list[Process]]:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         assert time.monotonic() < deadline, "the demo did not start its processes"
         time.sleep(0.2)
-    started = [Process(**{k: v for k, v in p.items() if k != "running"}) for p in _processes(out)]
+    started = [Process.from_json(p) for p in _processes(out)]
     _SEEN.extend(started)
     assert {p.name for p in started} == {"features", "feedback", "scorer", "kafka", "redis"}
     assert all(p.is_running() for p in started)

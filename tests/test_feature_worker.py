@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from aiokafka.partitioner import DefaultPartitioner
 from feature_oracle import Oracle
-from helpers import REPO, free_port, read_topic, run_cli, settings_env
+from helpers import REPO, read_topic, run_cli, settings_env
 
 from stream_ml.config import Settings
 from stream_ml.events import Label, Transaction, encode_label, encode_transaction
@@ -35,6 +35,7 @@ from stream_ml.features import FRAUD_FEATURES
 from stream_ml.features.store import FeatureStore
 from stream_ml.kafka import BatchPublisher, group_caught_up, producer
 from stream_ml.stack import kafka_bootstrap, redis_url
+from stream_ml.stack.processes import free_port
 
 START = 1_780_000_000_000  # 2026-05-28 20:26:40 UTC
 HOUR = 3_600_000

@@ -205,7 +205,9 @@ def test_the_producer_counts_what_it_published_on_its_metrics_port(topics: Setti
     import time
     import urllib.request
 
-    from helpers import REPO, free_port
+    from helpers import REPO
+
+    from stream_ml.stack.processes import free_port
 
     port = free_port()
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ import urllib.request
 import msgpack
 import pytest
 import redis.asyncio as aioredis
-from helpers import REPO, free_port
+from helpers import REPO
 
 from stream_ml.config import ENV_PREFIX, Settings
 from stream_ml.events import Transaction
@@ -24,6 +24,7 @@ from stream_ml.features.store import FeatureStore
 from stream_ml.features.vector import VectorBuilder
 from stream_ml.serving.model import default_model
 from stream_ml.stack import redis_url
+from stream_ml.stack.processes import free_port
 
 T = 1_780_000_000_000
 KEY = "test-key-1"

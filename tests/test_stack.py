@@ -9,9 +9,10 @@ import socket
 import time
 
 import pytest
-from helpers import free_port, run_cli
+from helpers import run_cli
 
 from stream_ml.config import ENV_PREFIX, Settings
+from stream_ml.stack.processes import free_port
 
 
 def _env(state_dir: os.PathLike[str], **extra: str) -> dict[str, str]:

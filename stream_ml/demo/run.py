@@ -370,14 +370,17 @@ class Demo:
                 f"{name}: {m['rows']:,} rows ({m['positives']:,} fraud, "
                 f"{m['negatives']:,} legitimate) replayed at {replayed['events_per_s']:,} events/s; training"
             )
-            code, out = await self._command(
+            code, _ = await self._command(
                 f"{name}-train",
                 ["train", str(dataset), "--quiet", "--patience", "3", "--promote", "production"],
             )
             if code != 0:
                 raise RuntimeError(f"train exited with {code}; see {self.logs / f'{name}-train.log'}")
-            r.version = Registry(self.registry).stage("production")
-            r.metrics = _validation(out)
+            registry = Registry(self.registry)
+            r.version = registry.stage("production")
+            if r.version is None:
+                raise RuntimeError(f"train promoted nothing; see {self.logs / f'{name}-train.log'}")
+            r.metrics = _validation(registry.get(r.version).meta["metrics"])
             r.done_s = self._t()
             self.say(f"{name}: trained {r.version} (validation {r.metrics}) and promoted it to production")
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -484,7 +487,7 @@ class Demo:
         assert self.gateway is not None
         traffic, st, r = self.gateway.traffic, self.status, self.retrain
         lat = traffic.latencies_ms()
-        switched_at = traffic.first_served(r.version) if r.version else None
+        switched_at = traffic.first_answer.get(r.version) if r.version else None
         around = (
             traffic.errors_between(switched_at - _SWITCH_WINDOW_S, switched_at + _SWITCH_WINDOW_S)
             if switched_at is not None
@@ -498,7 +501,7 @@ class Demo:
             "payments": traffic.payments,
             "labels_published": traffic.labels,
             "score": {
-                "calls": len(traffic.calls),
+                "calls": traffic.payments,
                 "failed": failed,
                 "failed_by_status": {str(k): v for k, v in traffic.errors.items()},
                 "p50_ms": _round(np.percentile(lat, 50)) if len(lat) else None,
@@ -525,7 +528,7 @@ class Demo:
         }
         summary["checks"] = {
             "features in Redis": summary["features_applied"] > 0,
-            "payments scored": len(lat) > 0 and failed <= 0.01 * len(traffic.calls),
+            "payments scored": len(lat) > 0 and failed <= 0.01 * traffic.payments,
             "predictions logged": summary["predictions_logged"] > 0,
             "labels joined": summary["join"].get("joined", 0) > 0,
             "online models learnt": summary["online_examples"] > 0,
@@ -587,9 +590,7 @@ def _round(value: float) -> float:
 def _recorded(path: Path) -> list[Process]:
     """The processes an earlier demo recorded in ``path`` (none if it is missing or unreadable)."""
     try:
-        return [
-            Process(**{k: v for k, v in p.items() if k != "running"}) for p in json.loads(path.read_text())
-        ]
+        return [Process.from_json(p) for p in json.loads(path.read_text())]
     except (OSError, ValueError, TypeError):
         return []
 
@@ -611,14 +612,10 @@ def _batch_priority() -> None:
     os.nice(_BATCH_NICENESS)
 
 
-def _validation(train_output: str) -> str | None:
-    """The validation ROC and PR AUC of the model, from `stream-ml train`'s summary."""
-    found = {}
-    for line in train_output.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] in {"ROC", "PR"} and parts[1] == "AUC":
-            found.setdefault(f"{parts[0]} AUC", parts[2])
-    return ", ".join(f"{k} {v}" for k, v in found.items()) or None
+def _validation(metrics: dict[str, Any]) -> str:
+    """The model's validation ROC and PR AUC, as the trainer recorded them in the registry."""
+    model = metrics["model"]
+    return f"ROC AUC {model['roc_auc']:.4f}, PR AUC {model['pr_auc']:.4f}"
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +28,8 @@ from stream_ml.kafka import BatchPublisher, producer
 
 _SEND_EVERY_S = 0.05  # publish what the calls have let through at least this often
 _PACE_EVERY = 16
+# Calls kept for latency percentiles: a day of `produce --score-url` must not keep every call.
+KEPT_CALLS = 1_000_000
 
 
 @dataclass(slots=True)
@@ -44,27 +46,26 @@ class Call:
 class Traffic:
     """What the gateway did so far; read by the status line while it runs."""
 
-    calls: list[Call] = field(default_factory=list)
+    calls: deque[Call] = field(default_factory=lambda: deque(maxlen=KEPT_CALLS))  # the latest ones
     payments: int = 0
     labels: int = 0
     frauds: int = 0
     versions: Counter[str] = field(default_factory=Counter)
     last_version: str | None = None
+    first_answer: dict[str, float] = field(default_factory=dict)  # model version -> its first answer's at_s
     errors: Counter[int] = field(default_factory=Counter)
 
     def latencies_ms(self, since_s: float = 0.0) -> np.ndarray:
         return np.array([c.latency_ms for c in self.calls if c.at_s >= since_s and c.status == 200])
 
-    def first_served(self, version: str) -> float | None:
-        return next((c.at_s for c in self.calls if c.model_version == version), None)
-
     def describe(self) -> str:
         lat = self.latencies_ms()
-        if not len(lat):
+        scored = sum(self.versions.values())
+        if not scored:
             return f"no payment was scored: {dict(self.errors)} (HTTP status: count; 0: no answer)"
         failed = sum(self.errors.values())
         return (
-            f"scored {len(lat):,}: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
+            f"scored {scored:,}: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
             + (
                 f"; {failed:,} calls failed {dict(self.errors)} (HTTP status: count; 0: no answer)"
                 if failed
@@ -159,8 +160,10 @@ class Gateway:
                 status = 0
             latency_ms = (time.monotonic() - started) * 1000.0
             traffic = self.traffic
-            traffic.calls.append(Call(self.clock(), latency_ms, status, version))
+            call = Call(self.clock(), latency_ms, status, version)
+            traffic.calls.append(call)
             if version is not None:
+                traffic.first_answer.setdefault(version, call.at_s)
                 traffic.versions[version] += 1
                 traffic.last_version = version
             else:

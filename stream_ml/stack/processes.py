@@ -29,6 +29,11 @@ class Process:
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"running": self.is_running()}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Process:
+        """A process as :meth:`to_json` wrote it (its ``running`` is re-checked when asked)."""
+        return cls(**{f: d[f] for f in ("name", "pid", "port", "argv", "log")})
+
     def is_running(self) -> bool:
         """True if our PID is alive *and* still runs our binary (a recycled PID is not ours)."""
         try:

@@ -47,9 +47,7 @@ def read(state_dir: Path) -> StackState | None:
         raise NotConfigured(
             f"{state_dir / STATE_FILE} is unreadable ({exc}); remove it and run `stream-ml stack up` again"
         ) from None
-    procs = [
-        Process(**{k: p[k] for k in ("name", "pid", "port", "argv", "log")}) for p in raw.get("processes", [])
-    ]
+    procs = [Process.from_json(p) for p in raw.get("processes", [])]
     return StackState(raw["kafka_bootstrap"], raw["redis_url"], procs)
 
 
