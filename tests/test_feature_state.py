@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from feature_oracle import Oracle
 
@@ -148,3 +149,44 @@ def test_feature_definitions_are_checked():
         FeatureSet(
             "d", (Feature("x", "card", "count", 3600),), (RequestFeature("r", "is_new", "nope", "card_id"),)
         )
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_applying_a_batch_of_columns_equals_applying_events_one_by_one(seed):
+    """`Layout.apply_columns` (replay's bulk form) against `apply_update` (the worker's), any order."""
+    rng = random.Random(seed)
+    layout = layouts(FRAUD_FEATURES)["card"]
+    stream = [tx for tx in _random_stream(rng, 1500)]
+    one_by_one = {}
+    for offset, tx in enumerate(stream):
+        state = one_by_one.setdefault(tx.card_id, layout.new())
+        layout.apply(
+            state,
+            "transactions",
+            tx.event_time,
+            tuple(getattr(tx, f) for f in layout.fields["transactions"]),
+            "t",
+            offset,
+        )
+    ids = sorted(one_by_one)
+    tiles = np.tile(np.frombuffer(layout.empty_tiles), (len(ids), 1))
+    shuffled = rng.sample(stream, len(stream))  # the order must not matter
+    layout.apply_columns(
+        tiles,
+        np.array([ids.index(tx.card_id) for tx in shuffled]),
+        "transactions",
+        np.array([tx.event_time for tx in shuffled]),
+        {"amount": np.array([tx.amount for tx in shuffled])},
+    )
+    end = max(tx.event_time for tx in stream)
+    for row, card in enumerate(ids):
+        for t in (end, end + 3_600_000, end + 5 * DAY, end + 20 * DAY):
+            want = np.zeros((1, len(layout.features)))
+            got = np.zeros((1, len(layout.features)))
+            layout.fill_numeric(
+                want,
+                slice(None),
+                layout.window_stats(np.frombuffer(one_by_one[card].tiles)[None, :], np.array([t])),
+            )
+            layout.fill_numeric(got, slice(None), layout.window_stats(tiles[row : row + 1], np.array([t])))
+            np.testing.assert_allclose(got, want, rtol=1e-12)

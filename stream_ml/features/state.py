@@ -24,10 +24,10 @@ from __future__ import annotations
 import itertools
 import math
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -42,6 +42,7 @@ _PRUNE_ABOVE = 16
 # offset, event time, *values in the order of Layout.fields[source]]: the values start at this index.
 UPDATE_VALUES = 5
 _INF = math.inf
+NEVER = -(1 << 62)  # the time of what was never seen: outside every window
 
 
 @dataclass(slots=True)
@@ -50,6 +51,15 @@ class EntityState:
     distinct: list[dict[str, int]]  # per distinct field: value -> the last event time it was seen
     last: list[int]  # per source with a since_last feature: latest event time (ms), -1 if none
     offsets: dict[str, int]  # source partition ("transactions:3", "labels:0") -> last offset applied
+
+
+class WindowStats(NamedTuple):
+    """Per read and numeric series: what the window holds (count 0: nothing, and then min inf)."""
+
+    count: np.ndarray
+    total: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +118,11 @@ class Layout:
             needed += [s.field for s in self._distinct if s.source == source]
             self.fields[source] = tuple(dict.fromkeys(needed))
         self._series = series
+        self._reads_min = any(f.agg == "min" for f in features)
+        self._reads_max = any(f.agg == "max" for f in features)
+        self._series_aggs = {
+            s.base: {f.agg for f in features if series.get(f.name) is s} for s in numeric.values()
+        }
         self._plan = {source: self._plan_for(source) for source in self.fields}
         self._empty = array("d", [-1.0, 0.0, 0.0, _INF, -_INF]) * (len(self._numeric) * TILES)
         self._defaults = np.array([f.default for f in features], dtype=np.float64)
@@ -129,6 +144,33 @@ class Layout:
                 self._distinct_index[f.name] = index
             elif f.agg == "since_last":
                 self._since_last_reads.append((column, last[f.source], float(f.window_s), f.default))
+        self._since_last_by_column = {read[0]: read for read in self._since_last_reads}
+
+    # What bulk code (replay's columnar states) needs to know of the layout.
+    @property
+    def empty_tiles(self) -> array:
+        """The tiles of an entity with no event."""
+        return self._empty
+
+    def numeric_series(self) -> list[tuple[str, str | None, int]]:
+        """(source, field, tile_ms) of each numeric series, in the order of :meth:`window_stats`."""
+        return [(s.source, s.field, s.tile_ms) for s in self._numeric]
+
+    def distinct_series(self) -> list[tuple[str, str, int]]:
+        """(source, field, index) of each set of distinct values."""
+        return [(d.source, d.field, d.index) for d in self._distinct]
+
+    def distinct_reads(self, index: int) -> list[tuple[int, int]]:
+        """(column, tile_ms) of each distinct feature counting the values ``index``."""
+        return self._distinct_reads.get(index, [])
+
+    def since_last_reads(self) -> list[tuple[int, int]]:
+        """(column, index into EntityState.last) of each since-last feature."""
+        return [(column, index) for column, index, _, _ in self._since_last_reads]
+
+    def last_sources(self) -> dict[str, int]:
+        """Source -> index into EntityState.last, for the sources a since-last feature reads."""
+        return dict(self._last)
 
     @classmethod
     def of(cls, feature_set: FeatureSet, entity: str) -> Layout:
@@ -142,7 +184,7 @@ class Layout:
         numeric = []
         for s in self._numeric:
             if s.source == source:
-                aggs = {f.agg for f in self.features if self._series.get(f.name) is s}
+                aggs = self._series_aggs[s.base]
                 fi = UPDATE_VALUES + fields.index(s.field) if s.field else None
                 numeric.append((s.base, s.tile_ms, fi, "min" in aggs, "max" in aggs))
         distinct = [
@@ -200,6 +242,47 @@ class Layout:
             state.last[last] = t
         return True
 
+    def apply_columns(
+        self,
+        tiles: np.ndarray,
+        rows: np.ndarray,
+        source: str,
+        t: np.ndarray,
+        values: Mapping[str, np.ndarray],
+    ) -> None:
+        """The tiles part of :meth:`apply_update` for many events at once (bulk work: replay).
+
+        ``tiles`` holds one entity per row (an :class:`EntityState`'s tiles); event ``i`` goes to
+        row ``rows[i]`` at time ``t[i]`` with ``values[field][i]``. The order of the events does
+        not matter: each slot ends holding its newest tile, with what that tile's events add up
+        to. The minimum and maximum of a series that no feature reads are left unset.
+        """
+        flat = tiles.reshape(-1)  # a view: written in place
+        width = tiles.shape[1]
+        for s in self._numeric:
+            if s.source != source or not len(t):
+                continue
+            k = t // s.tile_ms
+            slot, inverse = np.unique(rows * width + s.base + (k % TILES) * SLOT, return_inverse=True)
+            newest = np.full(len(slot), -_INF)
+            np.maximum.at(newest, inverse, k)
+            opened = newest > flat[slot]  # a newer tile than the slot's: it starts afresh
+            fresh = slot[opened]
+            flat[fresh] = newest[opened]
+            flat[fresh + 1] = flat[fresh + 2] = 0.0
+            flat[fresh + 3], flat[fresh + 4] = _INF, -_INF
+            adds = k == flat[slot][inverse]  # events of older tiles are outside every window
+            at = slot[inverse[adds]]
+            v = values[s.field][adds] if s.field else None
+            np.add.at(flat, at + 1, 1.0)
+            if v is not None:
+                np.add.at(flat, at + 2, v)
+                aggs = self._series_aggs[s.base]
+                if "min" in aggs:
+                    np.minimum.at(flat, at + 3, v)
+                if "max" in aggs:
+                    np.maximum.at(flat, at + 4, v)
+
     # -- reading --------------------------------------------------------------------------
 
     def read(self, state: EntityState | None, t: int) -> list[float]:
@@ -225,54 +308,89 @@ class Layout:
         t = np.array([times[i] for i in rows], dtype=np.int64)
         if self._numeric:
             tiles = np.frombuffer(b"".join([s.tiles for s in present]), dtype=np.float64)
-            tiles = tiles.reshape(len(rows), len(self._numeric), TILES, SLOT)
-            k = t[:, None] // self._tile_ms[None, :]  # each row's tile, per series
-            held = tiles[..., 0]
-            inside = (held > (k - TILES)[..., None]) & (held <= k[..., None])
-            count = np.where(inside, tiles[..., 1], 0.0).sum(-1)
-            total = np.where(inside, tiles[..., 2], 0.0).sum(-1)
-            low = np.where(inside, tiles[..., 3], _INF).min(-1)
-            high = np.where(inside, tiles[..., 4], -_INF).max(-1)
-            seen = count > 0
-            for column, series, agg, default in self._numeric_reads:
-                c = count[:, series]
-                if agg == "count":
-                    values = c
-                elif agg == "sum":
-                    values = np.where(seen[:, series], total[:, series], default)
-                elif agg == "mean":
-                    values = np.where(seen[:, series], total[:, series] / np.maximum(c, 1.0), default)
-                else:
-                    values = np.where(seen[:, series], (low if agg == "min" else high)[:, series], default)
-                out[rows, column] = values
-        for index, reads in self._distinct_reads.items():
-            # every row's values of one field, flattened: one comparison per value for the batch
+            self.fill_numeric(out, rows, self.window_stats(tiles.reshape(len(rows), -1), t))
+        for index in self._distinct_reads:
             maps = [s.distinct[index] for s in present]
-            owner = np.repeat(np.arange(len(rows)), [len(m) for m in maps])
+            owner = np.repeat(np.arange(len(maps)), [len(m) for m in maps])
             last_seen = np.fromiter(
                 itertools.chain.from_iterable(m.values() for m in maps), dtype=np.int64, count=len(owner)
             )
-            for column, tile_ms in reads:
-                k = (t // tile_ms)[owner]
-                tile = last_seen // tile_ms
-                inside = (tile > k - TILES) & (tile <= k)
-                out[rows, column] = np.bincount(owner[inside], minlength=len(rows))
-        for column, index, cap, default in self._since_last_reads:
+            for column, counts in self.distinct_counts(index, owner, last_seen, t):
+                out[rows, column] = counts
+        for column, index, _, _ in self._since_last_reads:
             last = np.array([s.last[index] for s in present], dtype=np.int64)
-            since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
-            out[rows, column] = np.where(last < 0, default, since)
+            out[rows, column] = self.since_last(column, last, t)
         return out
+
+    # The parts of :meth:`read_array`, also called by replay over its columnar states, so that
+    # each feature's value is computed by this code only.
+
+    def window_stats(self, tiles: np.ndarray, t: np.ndarray) -> WindowStats:
+        """Count, sum, min and max of each numeric series over the window ending at ``t``.
+
+        ``tiles``: one row per read, ``len(self.empty_tiles)`` doubles (an :class:`EntityState`'s
+        tiles). Returns four arrays of shape (reads, series).
+        """
+        tiles = tiles.reshape(len(t), len(self._numeric), TILES, SLOT)
+        k = t[:, None] // self._tile_ms[None, :]  # each row's tile, per series
+        held = tiles[..., 0]
+        inside = (held > (k - TILES)[..., None]) & (held <= k[..., None])
+        weight = inside.astype(np.float64)  # a product and sum in one pass: ~3x np.where(...).sum()
+        count = np.einsum("nsk,nsk->ns", tiles[..., 1], weight)
+        total = np.einsum("nsk,nsk->ns", tiles[..., 2], weight)
+        # minima and maxima only where a feature reads them
+        low = np.where(inside, tiles[..., 3], _INF).min(-1) if self._reads_min else np.full(count.shape, _INF)
+        high = (
+            np.where(inside, tiles[..., 4], -_INF).max(-1) if self._reads_max else np.full(count.shape, -_INF)
+        )
+        return WindowStats(count, total, low, high)
+
+    def fill_numeric(self, out: np.ndarray, rows: Any, stats: WindowStats) -> None:
+        """The count, sum, mean, min and max features from :meth:`window_stats`, into ``out[rows]``."""
+        count, total, low, high = stats
+        seen = count > 0
+        for column, series, agg, default in self._numeric_reads:
+            c = count[:, series]
+            if agg == "count":
+                values = c
+            elif agg == "sum":
+                values = np.where(seen[:, series], total[:, series], default)
+            elif agg == "mean":
+                values = np.where(seen[:, series], total[:, series] / np.maximum(c, 1.0), default)
+            else:
+                values = np.where(seen[:, series], (low if agg == "min" else high)[:, series], default)
+            out[rows, column] = values
+
+    def distinct_counts(
+        self, index: int, owner: np.ndarray, last_seen: np.ndarray, t: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(column, counts) of each distinct feature reading values ``index``, as of ``t``.
+
+        The values of every read, flattened: value ``j`` is read ``owner[j]``'s, last seen at
+        ``last_seen[j]``. One comparison per value for the whole batch.
+        """
+        for column, tile_ms in self._distinct_reads[index]:
+            inside = in_window(last_seen, t[owner], tile_ms)
+            yield column, np.bincount(owner[inside], minlength=len(t)).astype(np.float64)
+
+    def since_last(self, column: int, last: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The since-last feature of ``column`` from each row's latest event time (-1: none)."""
+        _, _, cap, default = self._since_last_by_column[column]
+        since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
+        return np.where(last < 0, default, since)
 
     def seen(self, state: EntityState | None, feature: Feature, value: str | None, t: int) -> bool:
         """Whether ``value`` counts in the distinct ``feature`` as of ``t``."""
+        return bool(in_window(self.last_seen(state, feature, value), t, feature.tile_ms))
+
+    def last_seen(self, state: EntityState | None, feature: Feature, value: str | None) -> int:
+        """When the entity last saw ``value`` of the distinct ``feature``'s field (``NEVER``: not)."""
         index = self._distinct_index.get(feature.name)
         if index is None:
             raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
         if state is None or value is None:
-            return False
-        tile_ms = feature.tile_ms
-        k = t // tile_ms
-        return k - TILES < state.distinct[index].get(value, -1 << 62) // tile_ms <= k
+            return NEVER
+        return state.distinct[index].get(value, NEVER)
 
     # -- storing --------------------------------------------------------------------------
 
@@ -341,6 +459,16 @@ class Layout:
             -1, SLOT
         )
         return EntityState(tiles, distinct, last, offsets)
+
+
+def in_window(times: Any, t: Any, tile_ms: int) -> Any:
+    """Whether events at ``times`` are inside the window of ``TILES`` tiles of ``tile_ms`` ending at ``t``.
+
+    Scalars or numpy arrays: the one statement of the window rule for distinct values.
+    """
+    k = t // tile_ms
+    tile = times // tile_ms
+    return (tile > k - TILES) & (tile <= k)
 
 
 def copy_state(state: EntityState) -> EntityState:

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from stream_ml.events.transaction import Transaction
-from stream_ml.features.definitions import ENTITIES, FeatureSet
-from stream_ml.features.state import EntityState, Layout, layouts
+from stream_ml.features.definitions import ENTITIES, Feature, FeatureSet
+from stream_ml.features.state import EntityState, Layout, in_window, layouts
 
 _DAY_MS = 86_400_000
 _HOUR_MS = 3_600_000
@@ -29,12 +29,18 @@ class VectorBuilder:
         self._stored = {f.name: f for f in feature_set.features}
         column = {name: i for i, name in enumerate(self.names)}
         # where each entity's stored features go in the vector
-        self._columns = {
+        self.columns = {
             entity: np.array([column[f.name] for f in layout.features], dtype=np.intp)
             for entity, layout in self.layouts.items()
         }
         self._request = [(column[rf.name], rf) for rf in feature_set.request_features]
         self._column = column
+        # (name, layout, distinct feature, transaction field) of each is_new request feature
+        self.novelty: list[tuple[str, Layout, Feature, str]] = [
+            (rf.name, self.layouts[self._stored[rf.arg].entity], self._stored[rf.arg], rf.field)  # type: ignore[index, misc]
+            for rf in feature_set.request_features
+            if rf.kind == "is_new"
+        ]
 
     def entity_ids(self, tx: Transaction) -> dict[str, str | None]:
         """The ids of the entities whose state a vector for ``tx`` reads."""
@@ -68,9 +74,42 @@ class VectorBuilder:
         if not txs:
             return out
         for entity, layout in self.layouts.items():
-            out[:, self._columns[entity]] = layout.read_array([s.get(entity) for s in states], as_of)
-        amount = np.array([tx.amount for tx in txs], dtype=np.float64)
-        event_time = np.array([tx.event_time for tx in txs], dtype=np.int64)
+            out[:, self.columns[entity]] = layout.read_array([s.get(entity) for s in states], as_of)
+        last_seen = {
+            name: np.array(
+                [
+                    layout.last_seen(s.get(layout.entity), feature, getattr(tx, field))
+                    for s, tx in zip(states, txs, strict=True)
+                ],
+                dtype=np.int64,
+            )
+            for name, layout, feature, field in self.novelty
+        }
+        self.fill_request(
+            out,
+            np.array([tx.amount for tx in txs], dtype=np.float64),
+            np.array([tx.event_time for tx in txs], dtype=np.int64),
+            [tx.channel for tx in txs],
+            np.asarray(as_of, dtype=np.int64),
+            last_seen,
+        )
+        return out
+
+    def fill_request(
+        self,
+        out: np.ndarray,
+        amount: np.ndarray,
+        event_time: np.ndarray,
+        channels: Sequence[str],
+        as_of: np.ndarray,
+        last_seen: Mapping[str, np.ndarray],
+    ) -> None:
+        """The request-time features into ``out``, whose stored-feature columns are filled already.
+
+        ``last_seen[name]``, for each ``is_new`` feature (see :attr:`novelty`): when the entity last
+        saw the transaction's value, ``NEVER`` if it did not. Replay calls this with columns of its
+        own; :meth:`build_array` with what it finds in the states.
+        """
         for column, rf in self._request:
             kind = rf.kind
             if kind == "amount":
@@ -85,14 +124,9 @@ class VectorBuilder:
             elif kind == "is_weekend":
                 out[:, column] = (event_time // _DAY_MS + _THURSDAY) % 7 >= 5
             elif kind == "channel_is":
-                out[:, column] = [tx.channel == rf.arg for tx in txs]
+                out[:, column] = [channel == rf.arg for channel in channels]
             elif kind == "is_new":
-                feature = self._stored[rf.arg]  # type: ignore[index]
-                layout: Layout = self.layouts[feature.entity]
-                out[:, column] = [
-                    not layout.seen(s.get(feature.entity), feature, getattr(tx, rf.field), t)  # type: ignore[arg-type]
-                    for s, tx, t in zip(states, txs, as_of, strict=True)
-                ]
+                tile_ms = self._stored[rf.arg].tile_ms  # type: ignore[index]
+                out[:, column] = ~in_window(last_seen[rf.name], as_of, tile_ms)
             else:
                 raise ValueError(f"unknown request feature kind {kind!r}")
-        return out

@@ -1,9 +1,7 @@
 """Point in time: the event log run through the feature state in event-time order, in process.
 
 Each transaction gets the feature vector *as of just before it*: built from the transactions and
-labels (by the time a label arrived) that came before it and nothing after, by the stream
-worker's state code (`Layout.apply_update`) and the scorer's vector code
-(`VectorBuilder.build_many`). There is no second implementation of any feature.
+labels (by the time a label arrived) that came before it and nothing after.
 
 Order. Each source partition is read in log order and the worker's lateness rule decides, per
 partition, what is dropped: an event more than the allowed lateness behind its partition's
@@ -12,9 +10,18 @@ partition's watermark minus the allowed lateness has passed it (nothing read lat
 before it), so memory holds about one allowed lateness of events. At the same millisecond,
 transactions come before labels, then by source partition and offset.
 
-The final state does not depend on the order events were applied in (a tile slot keeps the
-newest tile it has seen, its sums, counts, minima and maxima commute; distinct values keep their
-latest time), so replayed state equals the stream worker's state for the same events.
+Columns, a chunk at a time. The states are kept as columns (:class:`StateTable`), and a chunk of
+released events is worked on as arrays, not event by event. A transaction's vector is the
+state at the start of its chunk, read by the layout's own code (`Layout.window_stats`,
+`distinct_counts`, `since_last`), merged with what the chunk's earlier events add to the same
+windows, and finished by the scorer's code (`Layout.fill_numeric`, `VectorBuilder.fill_request`).
+The merge is exact because a chunk's events are in time order: an earlier event in a reader's
+window lands in one of the tiles of that window (it cannot have displaced a tile the window
+holds), and it adds to counts and sums, and to minima and maxima, as the state would. The
+chunk's events are then applied to the states, all at once, by `Layout.apply_columns`: the final
+state does not depend on the order events are applied in (a tile slot keeps the newest tile it
+has seen, its sums, counts, minima and maxima commute; distinct values keep their latest time),
+so replayed state equals the stream worker's state for the same events.
 
 >>> from stream_ml.events import Label, Transaction
 >>> from stream_ml.features import FRAUD_FEATURES
@@ -34,21 +41,23 @@ latest time), so replayed state equals the stream worker's state for the same ev
 
 from __future__ import annotations
 
-import heapq
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
 from stream_ml.events.label import Label
 from stream_ml.events.transaction import Transaction
-from stream_ml.features.definitions import ENTITIES, FeatureSet
-from stream_ml.features.state import EntityState, copy_state, field_getter
+from stream_ml.features.definitions import ENTITIES, SOURCES, TILES, Feature, FeatureSet
+from stream_ml.features.state import NEVER, EntityState, WindowStats, in_window
+from stream_ml.features.table import StateTable
 from stream_ml.features.vector import VectorBuilder
 
-_TX, _LABEL = 0, 1
+_TX, _LABEL = 0, 1  # the source codes: also the order of events at the same millisecond
 _NOTHING_YET = -(1 << 62)
-_REPLAY_SRC = "replay"  # the state's own offset check is bypassed: replay applies in time order
+_MAX_PAIRS = 1 << 22  # distinct counts compare (reader, earlier event) pairs: at most this many at once
 
 
 @dataclass(slots=True)
@@ -75,6 +84,26 @@ class Counts:
     by_partition: dict[str, list[int]] = field(default_factory=dict)  # tag -> [first, last] offset
 
 
+@dataclass(slots=True)
+class _Events:
+    """Admitted events as columns: what waits for the frontier, and what a chunk works on."""
+
+    t: np.ndarray  # int64: event time (transactions), arrival time (labels)
+    kind: np.ndarray  # int8: _TX or _LABEL
+    tag: np.ndarray  # int32: source partition, its index in sorted order
+    offset: np.ndarray  # int64
+    event: np.ndarray  # object: the Transaction or Label
+
+    def take(self, index: np.ndarray | slice) -> _Events:
+        return _Events(
+            self.t[index], self.kind[index], self.tag[index], self.offset[index], self.event[index]
+        )
+
+    @staticmethod
+    def concat(parts: list[_Events]) -> _Events:
+        return _Events(*(np.concatenate([getattr(p, f) for p in parts]) for f in _Events.__slots__))
+
+
 class PointInTime:
     """Feed events per source partition in log order; take the vectors with :meth:`release`.
 
@@ -93,7 +122,7 @@ class PointInTime:
         label_cutoff: int | None = None,
         label_horizon_ms: int = 30 * 86_400_000,
         track_offsets: bool = False,
-        chunk_size: int = 1024,
+        chunk_size: int = 16_384,
     ) -> None:
         self.builder = VectorBuilder(feature_set)
         self.layouts = self.builder.layouts
@@ -103,34 +132,35 @@ class PointInTime:
         self.label_cutoff = label_cutoff if label_cutoff is not None else 1 << 62
         self.label_horizon_ms = label_horizon_ms
         self.chunk_size = chunk_size
-        self.states: dict[str, dict[str, EntityState]] = {e: {} for e in self.layouts}
-        # per entity id: the real (source partition -> last offset) of its state, for a backfill
-        self.offsets: dict[str, dict[str, dict[str, int]]] | None = (
-            {e: {} for e in self.layouts} if track_offsets else None
-        )
+        self.tables = {e: StateTable(layout, track_offsets) for e, layout in self.layouts.items()}
         self.labels: dict[str, tuple[bool, int]] = {}
         self.counts = Counts()
-        self._watermarks = {tag: _NOTHING_YET for tag in partitions}
+        self._tags = sorted(set(partitions))
+        self._tag_code = {tag: code for code, tag in enumerate(self._tags)}
+        self._watermarks = {tag: _NOTHING_YET for tag in self._tags}
         self._live = set(self._watermarks)
-        self._heap: list[tuple] = []
-        self._seq = 0  # the state's offset for replay: strictly increasing, so nothing is skipped
+        self._new: tuple[list, list, list, list] = ([], [], [], [])  # event, kind, tag, offset
+        self._held: list[_Events] = []
+        # event id -> (event time, entity ids in ENTITIES order): where a label's entities are
         self._tx_entities: dict[str, tuple[int, tuple[str | None, ...]]] = {}
-        self._pinned: set[int] = set()  # ids of the states the pending vectors read
-        self._entity_fields = [(e, self.states[e], ENTITIES[e]) for e in self.layouts]
-        self._latest: dict[tuple[str, str], int] = {}  # (entity, id) -> time of its latest event
-        self._plans = {
-            source: [
-                (
-                    entity,
-                    ENTITIES[entity],
-                    list(ENTITIES).index(entity),
-                    layout.apply_update,
-                    field_getter(layout.fields[source]),
-                )
-                for entity, layout in self.layouts.items()
-                if source in layout.fields
-            ]
-            for source in ("transactions", "labels")
+        self._entity_position = {e: list(ENTITIES).index(e) for e in self.layouts}
+        # the fields each source's events carry to the states: numbers, and values to count
+        self._numbers = {
+            source: sorted(
+                {
+                    f
+                    for layout in self.layouts.values()
+                    for s, f, _ in layout.numeric_series()
+                    if s == source and f
+                }
+            )
+            for source in SOURCES
+        }
+        self._values = {
+            source: sorted(
+                {f for layout in self.layouts.values() for s, f, _ in layout.distinct_series() if s == source}
+            )
+            for source in SOURCES
         }
 
     # -- feeding, per source partition in log order ---------------------------------------
@@ -138,13 +168,13 @@ class PointInTime:
     def add_transaction(self, tx: Transaction, tag: str, offset: int) -> int:
         """Feed a transaction read at ``offset`` of source partition ``tag``; returns its time."""
         if self._admit(tx.event_time, tag, offset):
-            heapq.heappush(self._heap, (tx.event_time, _TX, tag, offset, tx))
+            self._queue(tx, _TX, tag, offset)
         return tx.event_time
 
     def add_label(self, label: Label, tag: str, offset: int) -> int:
         """Feed a label (it counts at the time it arrived); returns that time."""
         if self._admit(label.label_time, tag, offset):
-            heapq.heappush(self._heap, (label.label_time, _LABEL, tag, offset, label))
+            self._queue(label, _LABEL, tag, offset)
         return label.label_time
 
     def finish_partition(self, tag: str) -> None:
@@ -165,6 +195,13 @@ class PointInTime:
             self._watermarks[tag] = t
         return True
 
+    def _queue(self, event: Transaction | Label, kind: int, tag: str, offset: int) -> None:
+        events, kinds, tags, offsets = self._new
+        events.append(event)
+        kinds.append(kind)
+        tags.append(self._tag_code[tag])
+        offsets.append(offset)
+
     # -- computing ------------------------------------------------------------------------
 
     def release(self, final: bool = False) -> Chunk:
@@ -172,104 +209,162 @@ class PointInTime:
         frontier = min((self._watermarks[t] for t in self._live), default=1 << 62) - self.lateness_ms
         if final:
             frontier = 1 << 62
-        done: list[Transaction] = []
-        vectors: list[np.ndarray] = []
-        snaps: list[dict[str, EntityState | None]] = []
-        txs: list[Transaction] = []
-        latest: list[int] = []
-        heap = self._heap
-        while heap and heap[0][0] < frontier:
-            t, kind, tag, offset, event = heapq.heappop(heap)
-            if kind == _TX:
-                if self.rows_from <= t < self.rows_to:
-                    snaps.append(self._snapshot(event))  # before the payment itself is applied
-                    txs.append(event)
-                    latest.append(self._latest_of(event))
-                self._apply_transaction(event, tag, offset)
+        self._hold_new()
+        ready: list[_Events] = []
+        held: list[_Events] = []
+        for block in self._held:
+            early = block.t < frontier
+            if early.all():
+                ready.append(block)
+            elif early.any():
+                ready.append(block.take(early))
+                held.append(block.take(~early))
             else:
-                self._apply_label(event, tag, offset)
-            if len(txs) >= self.chunk_size or (txs and not (heap and heap[0][0] < frontier)):
-                # one batched read for many vectors: the snapshots keep each one's moment
-                vectors.append(self.builder.build_array(snaps, txs, [tx.event_time for tx in txs]))
-                self._pinned.clear()
-                done += txs
-                snaps, txs = [], []
+                held.append(block)
+        self._held = held
+        chunks: list[Chunk] = []
+        if ready:
+            events = _Events.concat(ready)
+            events = events.take(np.lexsort((events.offset, events.tag, events.kind, events.t)))
+            for start in range(0, len(events.t), self.chunk_size):
+                chunks.append(self._chunk(events.take(slice(start, start + self.chunk_size))))
         self._forget_old_transactions()
-        self.counts.rows += len(done)
+        return _joined(chunks, len(self.builder.names))
+
+    def _hold_new(self) -> None:
+        events, kinds, tags, offsets = self._new
+        if not events:
+            return
+        column = np.empty(len(events), dtype=object)
+        column[:] = events
+        kind = np.array(kinds, dtype=np.int8)
+        t = np.array(
+            [e.event_time if k == _TX else e.label_time for e, k in zip(events, kinds, strict=True)],
+            dtype=np.int64,
+        )
+        self._held.append(_Events(t, kind, np.array(tags, dtype=np.int32), np.array(offsets), column))
+        self._new = ([], [], [], [])
+
+    def _chunk(self, ev: _Events) -> Chunk:
+        """Vectors of the chunk's transactions, then the chunk applied to the states."""
+        is_tx = ev.kind == _TX
+        at = {_TX: np.flatnonzero(is_tx), _LABEL: np.flatnonzero(~is_tx)}
+        events = {kind: ev.event[where].tolist() for kind, where in at.items()}
+        ids = self._entity_ids(ev, at, events)
+        fields = self._fields(len(ev.t), at, events)
+        read = is_tx[at[_TX]] & (ev.t[at[_TX]] >= self.rows_from) & (ev.t[at[_TX]] < self.rows_to)
+        readers = at[_TX][read]
+        txs: list[Transaction] = [tx for tx, r in zip(events[_TX], read.tolist(), strict=True) if r]
+        t_read = ev.t[readers]
+        out = np.empty((len(readers), len(self.builder.names)))
+        latest = np.full(len(readers), -1, dtype=np.int64)
+        last_seen: dict[str, np.ndarray] = {}
+        for entity, table in self.tables.items():
+            rows = table.rows_of(ids[entity])
+            values = {name: fields[name] for names in table.layout.fields.values() for name in names}
+            for index, (_, name) in table.counted.items():
+                values[name] = table.distinct[index].codes.of(fields[name])  # type: ignore[arg-type]
+            reads = _EntityReads(table, rows, ev, values, readers)
+            out[:, self.builder.columns[entity]] = reads.features()
+            latest = np.maximum(latest, reads.latest_before())
+            for name, layout, feature, tx_field in self.builder.novelty:
+                if layout is table.layout:
+                    last_seen[name] = reads.last_seen(feature, list(map(attrgetter(tx_field), txs)))
+            reads.apply(self._tags)
+        self.builder.fill_request(
+            out,
+            np.fromiter(map(attrgetter("amount"), txs), dtype=np.float64, count=len(txs)),
+            t_read,
+            list(map(attrgetter("channel"), txs)),
+            t_read,
+            last_seen,
+        )
+        self.counts.transactions += len(at[_TX])
+        self.counts.labels += len(at[_LABEL])
+        self.counts.rows += len(readers)
         return Chunk(
-            [tx.event_id for tx in done],
-            np.array([tx.event_time for tx in done], dtype=np.int64),
-            [tx.card_id for tx in done],
-            np.concatenate(vectors).astype(np.float32)
-            if vectors
-            else np.empty((0, len(self.builder.names)), dtype=np.float32),
-            np.array(latest, dtype=np.int64),
+            list(map(attrgetter("event_id"), txs)),
+            t_read,
+            list(map(attrgetter("card_id"), txs)),
+            out.astype(np.float32),
+            latest,
         )
 
-    def _snapshot(self, tx: Transaction) -> dict[str, EntityState | None]:
-        """The states a vector reads, pinned: a pinned state is copied before it next changes."""
-        snap: dict[str, EntityState | None] = {}
-        for entity, by_id, id_field in self._entity_fields:
-            state = by_id.get(getattr(tx, id_field))
-            if state is not None:
-                self._pinned.add(id(state))
-            snap[entity] = state
-        return snap
+    def _entity_ids(
+        self, ev: _Events, at: dict[int, np.ndarray], events: dict[int, list]
+    ) -> dict[str, np.ndarray]:
+        """Each event's entity ids (object arrays, None where none): a label's are its transaction's.
 
-    def _latest_of(self, tx: Transaction) -> int:
-        latest = self._latest
-        return max(latest.get((e, getattr(tx, f)), -1) for e, _, f in self._entity_fields)
+        A label finds its transaction among those applied before it, in the chunk's order.
+        """
+        txs, labels = events[_TX], events[_LABEL]
+        by_entity = [list(map(attrgetter(f), txs)) for f in ENTITIES.values()]
+        tx_ids = list(map(attrgetter("event_id"), txs))
+        label_ids = list(map(attrgetter("event_id"), labels))
+        index = self._tx_entities
+        before = list(map(index.get, label_ids))
+        index.update(zip(tx_ids, zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True), strict=True))
+        found = list(map(index.get, label_ids))
+        # a transaction of this chunk found by a label it comes after: the label saw what was before
+        in_chunk = dict(zip(tx_ids, at[_TX].tolist(), strict=True))
+        if len(in_chunk) < len(tx_ids):  # one event id twice in the chunk: which one a label sees
+            found = self._found_in_order(ev, at, tx_ids, label_ids, before, by_entity)
+        else:
+            position = np.fromiter(map(in_chunk.get, label_ids, itertools.repeat(-1)), np.int64, len(labels))
+            for i in np.flatnonzero(position > at[_LABEL]).tolist():
+                found[i] = before[i]
+        self.counts.labels_unknown += found.count(None)
+        times = ev.t[at[_LABEL]]
+        counted = np.flatnonzero(times <= self.label_cutoff).tolist()  # time order: the latest wins
+        frauds = list(map(attrgetter("is_fraud"), labels))
+        self.labels.update((label_ids[i], (frauds[i], int(times[i]))) for i in counted)
+        out = {}
+        for entity in self.tables:
+            p = self._entity_position[entity] + 1
+            column = np.full(len(ev.t), None, dtype=object)
+            column[at[_TX]] = by_entity[p - 1]
+            column[at[_LABEL]] = [None if f is None else f[p] for f in found]
+            out[entity] = column
+        return out
 
-    def _apply_transaction(self, tx: Transaction, tag: str, offset: int) -> None:
-        self.counts.transactions += 1
-        t = tx.event_time
-        for entity, id_field, _, apply, values in self._plans["transactions"]:
-            entity_id = getattr(tx, id_field)
-            if entity_id is not None:
-                update = [entity_id, 0, tag, offset, t, *values(tx)]
-                self._apply(entity, entity_id, apply, "transactions", update)
-        self._tx_entities[tx.event_id] = (t, (tx.card_id, tx.merchant_id, tx.device_id))
-
-    def _apply_label(self, label: Label, tag: str, offset: int) -> None:
-        self.counts.labels += 1
-        if label.label_time <= self.label_cutoff:
-            held = self.labels.get(label.event_id)
-            if held is None or held[1] <= label.label_time:
-                self.labels[label.event_id] = (label.is_fraud, label.label_time)
-        known = self._tx_entities.get(label.event_id)
-        if known is None:
-            self.counts.labels_unknown += 1
-            return
-        ids = known[1]
-        t = label.label_time
-        for entity, _, position, apply, values in self._plans["labels"]:
-            entity_id = ids[position]
-            if entity_id is not None:
-                update = [entity_id, 1, tag, offset, t, *values(label)]
-                self._apply(entity, entity_id, apply, "labels", update)
-
-    def _apply(
+    def _found_in_order(
         self,
-        entity: str,
-        entity_id: str,
-        apply: Callable[[EntityState, str, list], bool],
-        source: str,
-        update: list,
-    ) -> None:
-        states = self.states[entity]
-        state = states.get(entity_id)
-        if state is None:
-            state = states[entity_id] = self.layouts[entity].new()
-        elif id(state) in self._pinned:  # a vector still has to read it as it is: change a copy
-            state = states[entity_id] = copy_state(state)
-        if self.offsets is not None:
-            held = self.offsets[entity].setdefault(entity_id, {})
-            if update[3] > held.get(update[2], -1):
-                held[update[2]] = update[3]
-        self._latest[(entity, entity_id)] = update[4]
-        self._seq += 1
-        update[2], update[3] = _REPLAY_SRC, self._seq
-        apply(state, source, update)
+        ev: _Events,
+        at: dict[int, np.ndarray],
+        tx_ids: list[str],
+        label_ids: list[str],
+        before: list,
+        by_entity: list[list],
+    ) -> list:
+        """Each label's transaction entry, walking the chunk in order (an event id seen twice)."""
+        entries = list(zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True))
+        walk = sorted(
+            [(p, 0, i) for i, p in enumerate(at[_TX].tolist())]
+            + [(p, 1, i) for i, p in enumerate(at[_LABEL].tolist())]
+        )
+        latest: dict[str, tuple] = {}
+        found: list = []
+        for _, kind, i in walk:
+            if kind == 0:
+                latest[tx_ids[i]] = entries[i]
+            else:
+                found.append(latest.get(label_ids[i], before[i]))
+        return found
+
+    def _fields(self, n: int, at: dict[int, np.ndarray], events: dict[int, list]) -> dict[str, np.ndarray]:
+        """The fields the states read, as columns over the chunk: numbers (0 where absent), values (None)."""
+        fields: dict[str, np.ndarray] = {}
+        for kind, source in enumerate(SOURCES):
+            where, picked = at[kind], events[kind]
+            for name in self._numbers[source]:
+                column = fields.setdefault(name, np.zeros(n))
+                column[where] = np.fromiter(
+                    map(attrgetter(name), picked), dtype=np.float64, count=len(picked)
+                )
+            for name in self._values[source]:
+                column = fields.setdefault(name, np.full(n, None, dtype=object))
+                column[where] = list(map(attrgetter(name), picked))
+        return fields
 
     def _forget_old_transactions(self) -> None:
         """Transactions older than the label horizon can no longer be labelled (as in the worker)."""
@@ -285,7 +380,258 @@ class PointInTime:
 
     def final_states(self) -> dict[str, dict[str, EntityState]]:
         """The replayed states, with their real applied offsets (when tracked), as the store keeps them."""
-        for entity, by_id in self.states.items():
-            for entity_id, state in by_id.items():
-                state.offsets = dict(self.offsets[entity].get(entity_id, {})) if self.offsets else {}
-        return self.states
+        return {entity: table.states() for entity, table in self.tables.items()}
+
+
+class _EntityReads:
+    """One entity type's part of a chunk: its features as of each reader, then its state update.
+
+    The chunk's events that touch this entity type are put in (row, position) order, so the
+    earlier events of a reader's entity are a run just before the reader's place, and the ones
+    inside a window are the end of that run (tiles never go down within a row).
+    """
+
+    def __init__(
+        self,
+        table: StateTable,
+        rows: np.ndarray,
+        ev: _Events,
+        values: dict[str, np.ndarray],
+        readers: np.ndarray,
+    ) -> None:
+        self.table = table
+        self.layout = table.layout
+        self.ev = ev
+        self.values = values  # field -> numbers, or codes of counted values (-1: none), per event
+        self.n = n = len(ev.t)
+        sources = [code for code, name in enumerate(SOURCES) if name in self.layout.fields]
+        touching = np.flatnonzero((rows >= 0) & np.isin(ev.kind, sources))
+        self.order = touching[np.argsort(rows[touching], kind="stable")]
+        self.rows = rows
+        self.row_sorted = rows[self.order]
+        self.key = self.row_sorted * (n + 1) + self.order
+        self.n_readers = len(readers)
+        mine = np.flatnonzero(rows[readers] >= 0)  # readers with an entity of this type
+        # Readers in (row, position) order too: each search below then looks for sorted needles.
+        place = np.searchsorted(self.key, rows[readers[mine]] * (n + 1) + readers[mine])
+        by_place = np.argsort(place, kind="stable")
+        self.slots = mine[by_place]  # where each reader's values go in the chunk's rows
+        self.place = place[by_place]  # how many of the entity type's events come before it
+        self.readers = readers[self.slots]
+        self.r = rows[self.readers]
+        self.t = ev.t[self.readers]
+        kinds = ev.kind[self.order]
+        self._subs: dict[tuple[int, str | None], np.ndarray] = {
+            (code, None): np.flatnonzero(kinds == code) for code in range(len(SOURCES))
+        }
+        self._ends: dict[tuple[int, str | None], np.ndarray] = {}
+        self._window_runs: dict[tuple[int, str | None, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- reading --------------------------------------------------------------------------
+
+    def features(self) -> np.ndarray:
+        layout, table = self.layout, self.table
+        defaults = np.array([f.default for f in layout.features])
+        out = np.tile(defaults, (self.n_readers, 1))
+        mine = np.tile(defaults, (len(self.r), 1))
+        if layout.numeric_series():
+            stats = layout.window_stats(table.tiles[self.r], self.t)
+            layout.fill_numeric(mine, slice(None), self._with_chunk(stats))
+        for index, distinct in table.distinct.items():
+            reads = dict(layout.distinct_reads(index))
+            if reads:
+                owner, last_seen = distinct.of_rows(self.r)
+                for column, counts in layout.distinct_counts(index, owner, last_seen, self.t):
+                    mine[:, column] = counts + self._new_distinct(index, reads[column])
+        sources = {i: s for s, i in layout.last_sources().items()}
+        for column, index in layout.since_last_reads():
+            last = self._previous_time(SOURCES.index(sources[index]), table.last[self.r, index])
+            mine[:, column] = layout.since_last(column, last, self.t)
+        # an entity with no event before the reader has no state: its defaults, as in the store
+        has_state = self._previous_time(None, table.latest[self.r]) >= 0
+        out[self.slots[has_state]] = mine[has_state]
+        return out
+
+    def latest_before(self) -> np.ndarray:
+        """The time of the entity's latest earlier event (-1: none; and for readers without the entity)."""
+        out = np.full(self.n_readers, -1, dtype=np.int64)
+        out[self.slots] = self._previous_time(None, self.table.latest[self.r])
+        return out
+
+    def last_seen(self, feature: Feature, values: list[str | None]) -> np.ndarray:
+        """When each reader's entity last saw ``values[i]`` of the distinct ``feature`` (NEVER: not)."""
+        index = next(
+            i for s, f, i in self.layout.distinct_series() if (s, f) == (feature.source, feature.field)
+        )
+        distinct = self.table.distinct[index]
+        code = distinct.codes.of([values[i] for i in self.slots.tolist()])
+        sub = self._sub(SOURCES.index(feature.source), feature.field)
+        pos = self.order[sub]
+        # the chunk's occurrences by (row, value, position): the reader's latest earlier one
+        value = self.values[feature.field][pos]
+        order = np.lexsort((pos, value, self.rows[pos]))
+        pos, value = pos[order], value[order]
+        pairs, rank = np.unique((self.rows[pos] << 31) | value, return_inverse=True)
+        wanted = np.searchsorted(pairs, (self.r << 31) | np.maximum(code, 0))
+        known = (code >= 0) & (wanted < len(pairs))
+        known[known] = pairs[wanted[known]] == ((self.r[known] << 31) | code[known])
+        at = np.searchsorted(rank * (self.n + 1) + pos, wanted * (self.n + 1) + self.readers) - 1
+        hit = known & (at >= 0)
+        hit[hit] = rank[at[hit]] == wanted[hit]
+        seen = distinct.lookup(self.r, code)  # the state's, where the chunk has none
+        seen[hit] = self.ev.t[pos[at[hit]]]
+        out = np.full(self.n_readers, NEVER, dtype=np.int64)
+        out[self.slots] = seen
+        return out
+
+    def _sub(self, source: int, field: str | None = None) -> np.ndarray:
+        """Indices into the (row, position) order of ``source``'s events (with a ``field`` value)."""
+        key = (source, field)
+        if key not in self._subs:
+            sub = self._subs[(source, None)]
+            self._subs[key] = sub[self.values[field][self.order[sub]] >= 0]  # type: ignore[index]
+        return self._subs[key]
+
+    def _end(self, source: int, field: str | None = None) -> np.ndarray:
+        """Per reader, where its entity's earlier events of ``_sub(source, field)`` end."""
+        key = (source, field)
+        if key not in self._ends:
+            self._ends[key] = np.searchsorted(self._sub(source, field), self.place)
+        return self._ends[key]
+
+    def _runs(self, source: int, field: str | None, tile_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per reader, the run [start, end) of ``_sub(source, field)`` inside its window."""
+        key = (source, field, tile_ms)
+        if key in self._window_runs:
+            return self._window_runs[key]
+        sub, end = self._sub(source, field), self._end(source, field)
+        tiles = self.ev.t[self.order[sub]] // tile_ms
+        k = self.t // tile_ms
+        both = np.concatenate((tiles, k))
+        if not len(both):
+            return end, end
+        low = int(both.min()) - TILES
+        span = int(both.max()) - low + 2
+        first = np.searchsorted(
+            self.row_sorted[sub] * span + (tiles - low), self.r * span + (k - TILES + 1 - low)
+        )
+        self._window_runs[key] = runs = (np.minimum(first, end), end)
+        return runs
+
+    def _with_chunk(self, stats: WindowStats) -> WindowStats:
+        """The state's window stats plus what the chunk's earlier events add, per numeric series."""
+        count, total, low, high = (a.copy() for a in stats)
+        for j, (source, name, tile_ms) in enumerate(self.layout.numeric_series()):
+            sub = self._sub(SOURCES.index(source))
+            start, end = self._runs(SOURCES.index(source), None, tile_ms)
+            count[:, j] += end - start
+            if name is None:
+                continue
+            values = self.values[name][self.order[sub]]
+            sums = np.concatenate(([0.0], np.cumsum(values)))
+            total[:, j] += sums[end] - sums[start]
+            low[:, j] = np.minimum(low[:, j], _range_reduce(values, start, end, np.minimum, np.inf))
+            high[:, j] = np.maximum(high[:, j], _range_reduce(values, start, end, np.maximum, -np.inf))
+        return WindowStats(count, total, low, high)
+
+    def _new_distinct(self, index: int, tile_ms: int) -> np.ndarray:
+        """Values the chunk's earlier events add to each reader's distinct count (not in the state's)."""
+        source, name = self.table.counted[index]
+        codes = self.values[name]
+        sub = self._sub(SOURCES.index(source), name)
+        start, end = self._runs(SOURCES.index(source), name, tile_ms)
+        pos = self.order[sub]
+        value, row = codes[pos], self.rows[pos]
+        # the previous occurrence of the same (row, value) in the chunk, as an index into sub
+        order = np.lexsort((np.arange(len(sub)), value, row))
+        previous = np.full(len(sub), -1)
+        same = (value[order][1:] == value[order][:-1]) & (row[order][1:] == row[order][:-1])
+        previous[order[1:][same]] = order[:-1][same]
+        # a first occurrence counts only if the state did not hold the value inside the window
+        stored = self.table.distinct[index].lookup(row, value)
+        added = np.zeros(len(self.r))
+        lengths = end - start
+        for block in _blocks(lengths, _MAX_PAIRS):
+            reader = np.repeat(block, lengths[block])
+            first = np.repeat(np.cumsum(lengths[block]) - lengths[block], lengths[block])
+            j = start[reader] + np.arange(len(reader)) - first
+            new = previous[j] < start[reader]  # the first of its value inside the window
+            new &= (previous[j] >= 0) | ~in_window(stored[j], self.t[reader], tile_ms)
+            added += np.bincount(reader[new], minlength=len(self.r))
+        return added
+
+    def _previous_time(self, source: int | None, stored: np.ndarray) -> np.ndarray:
+        """The time of each reader's entity's latest earlier event (of ``source``), else ``stored``."""
+        if source is None:
+            sub, end = np.arange(len(self.order)), self.place
+        else:
+            sub, end = self._sub(source), self._end(source)
+        if not len(sub):
+            return stored
+        previous = np.maximum(end - 1, 0)
+        has = (end > 0) & (self.row_sorted[sub[previous]] == self.r)
+        return np.where(has, self.ev.t[self.order[sub[previous]]], stored)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def apply(self, tags: list[str]) -> None:
+        """The chunk's events applied to the states (after every read of the chunk)."""
+        tracked = self.table.offsets is not None
+        for code, source in enumerate(SOURCES):
+            if source not in self.layout.fields:
+                continue
+            pos = self.order[self._sub(code)]
+            self.table.apply(
+                self.rows[pos],
+                source,
+                self.ev.t[pos],
+                {name: self.values[name][pos] for name in self.layout.fields[source]},
+                [tags[c] for c in self.ev.tag[pos].tolist()] if tracked else None,
+                self.ev.offset[pos].tolist() if tracked else None,
+            )
+
+
+def _range_reduce(
+    values: np.ndarray, start: np.ndarray, end: np.ndarray, ufunc: Callable, identity: float
+) -> np.ndarray:
+    """``ufunc.reduce(values[start[i]:end[i]])`` for every i (``identity`` where empty): a sparse table."""
+    out = np.full(len(start), identity)
+    length = end - start
+    if not len(values) or not length.any():
+        return out
+    levels = [values]
+    while (1 << len(levels)) <= length.max():
+        half = 1 << (len(levels) - 1)
+        levels.append(ufunc(levels[-1][:-half], levels[-1][half:]))
+    level = np.zeros(len(length), dtype=np.int64)
+    nonempty = length > 0
+    level[nonempty] = np.floor(np.log2(length[nonempty])).astype(np.int64)
+    for lv in np.unique(level[nonempty]).tolist():
+        at = np.flatnonzero(nonempty & (level == lv))
+        table = levels[lv]
+        out[at] = ufunc(table[start[at]], table[end[at] - (1 << lv)])
+    return out
+
+
+def _blocks(lengths: np.ndarray, most: int) -> list[np.ndarray]:
+    """Reader indices split so that each block's pairs (the sum of its lengths) stay near ``most``."""
+    if not len(lengths):
+        return []
+    ends = np.cumsum(lengths)
+    cuts = np.searchsorted(ends, np.arange(most, int(ends[-1]), most), side="right")
+    return [b for b in np.split(np.arange(len(lengths)), np.unique(cuts)) if len(b)]
+
+
+def _joined(chunks: list[Chunk], width: int) -> Chunk:
+    if not chunks:
+        empty = np.empty(0, dtype=np.int64)
+        return Chunk([], empty, [], np.empty((0, width), dtype=np.float32), empty)
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk(
+        [e for c in chunks for e in c.event_ids],
+        np.concatenate([c.event_times for c in chunks]),
+        [e for c in chunks for e in c.card_ids],
+        np.concatenate([c.features for c in chunks]),
+        np.concatenate([c.latest_before for c in chunks]),
+    )

@@ -1,0 +1,189 @@
+"""Many entities' states of one type as columns: the form bulk work (replay) keeps them in.
+
+One row per entity: its tiles in one 2-D array (each row laid out as :attr:`EntityState.tiles`),
+its latest event times in arrays, and the distinct values of each counted field as sorted
+(row, value) pairs with the time each was last seen. Events are applied many at once
+(:meth:`Layout.apply_columns` for the tiles); :meth:`states` gives the :class:`EntityState`
+objects the stream worker stores, so a replay can be written to Redis.
+
+>>> from stream_ml.features.definitions import Feature, FeatureSet
+>>> fs = FeatureSet("doc", (Feature("n_1h", "card", "count", 3600),))
+>>> table = StateTable(Layout.of(fs, "card"))
+>>> rows = table.rows_of(["c1", "c2", "c1"])
+>>> rows.tolist()
+[0, 1, 0]
+>>> table.apply(rows, "transactions", np.array([1_000, 2_000, 3_000]), {})
+>>> table.layout.read(table.states()["c1"], 3_000)
+[2.0]
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from stream_ml.features.state import NEVER, EntityState, Layout
+
+_VALUE_BITS = 31  # a (row, value) pair is one int64: row << 31 | value code
+
+
+class Codes:
+    """Values to small integers, in the order first seen (-1 for None)."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+        self.values: list[str] = []
+
+    def of(self, values: Sequence[str | None]) -> np.ndarray:
+        """The code of each value; a new value gets the next one."""
+        out = np.fromiter(map(self.code.get, values, itertools.repeat(-1)), dtype=np.int64, count=len(values))
+        unknown = np.flatnonzero(out < 0)
+        if len(unknown):
+            code = self.code
+            for i in unknown.tolist():
+                value = values[i]
+                if value is not None:
+                    if value not in code:
+                        code[value] = len(self.values)
+                        self.values.append(value)
+                    out[i] = code[value]
+        return out
+
+
+class DistinctValues:
+    """One counted field of many entities: (row, value) pairs, sorted, each with its last time seen."""
+
+    def __init__(self) -> None:
+        self.codes = Codes()
+        self.keys = np.empty(0, dtype=np.int64)
+        self.times = np.empty(0, dtype=np.int64)
+
+    def lookup(self, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """When each row last saw each value (``NEVER``: not, or the code is -1)."""
+        key = (rows << _VALUE_BITS) | np.maximum(codes, 0)
+        at = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
+        out = np.full(len(rows), NEVER, dtype=np.int64)
+        if len(self.keys):
+            hit = (self.keys[at] == key) & (codes >= 0)
+            out[hit] = self.times[at[hit]]
+        return out
+
+    def of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every value of the given rows, flattened: (index into ``rows``, time last seen)."""
+        start = np.searchsorted(self.keys, rows << _VALUE_BITS)
+        lengths = np.searchsorted(self.keys, (rows + 1) << _VALUE_BITS) - start
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return owner, self.times[start[owner] + np.arange(len(owner)) - first]
+
+    def update(self, rows: np.ndarray, codes: np.ndarray, times: np.ndarray) -> None:
+        """Events seeing ``codes`` (-1: no value) at ``times``: each pair keeps its latest time."""
+        seen = codes >= 0
+        key = (rows[seen] << _VALUE_BITS) | codes[seen]
+        t = times[seen]
+        order = np.lexsort((t, key))
+        key, t = key[order], t[order]
+        last = np.ones(len(key), dtype=bool)
+        last[:-1] = key[1:] != key[:-1]
+        key, t = key[last], t[last]
+        at = np.searchsorted(self.keys, key)
+        held = at < len(self.keys)
+        held[held] = self.keys[at[held]] == key[held]
+        self.times[at[held]] = np.maximum(self.times[at[held]], t[held])
+        self.keys = np.insert(self.keys, at[~held], key[~held])
+        self.times = np.insert(self.times, at[~held], t[~held])
+
+    def maps(self, n_rows: int) -> list[dict[str, int]]:
+        """Each row's values with their times, as an :class:`EntityState` holds them."""
+        out: list[dict[str, int]] = [{} for _ in range(n_rows)]
+        values = self.codes.values
+        mask = (1 << _VALUE_BITS) - 1
+        for key, t in zip(self.keys.tolist(), self.times.tolist(), strict=True):
+            out[key >> _VALUE_BITS][values[key & mask]] = t
+        return out
+
+
+class StateTable:
+    """The states of the entities of one layout, a row each, grown as ids are first seen."""
+
+    def __init__(self, layout: Layout, track_offsets: bool = False) -> None:
+        self.layout = layout
+        self.ids = Codes()  # entity id -> row
+        self._empty = np.frombuffer(layout.empty_tiles, dtype=np.float64)
+        self._last_index = layout.last_sources()
+        self.tiles = np.empty((0, len(self._empty)))
+        self.last = np.empty((0, len(self._last_index)), dtype=np.int64)  # per source, -1: none
+        self.latest = np.empty(0, dtype=np.int64)  # the latest event of any source, -1: none
+        # per distinct index (the layout's), with the source and field it counts
+        self.distinct = {index: DistinctValues() for _, _, index in layout.distinct_series()}
+        self.counted = {index: (source, field) for source, field, index in layout.distinct_series()}
+        # per row: source partition -> the last offset applied (kept for a backfill only)
+        self.offsets: list[dict[str, int]] | None = [] if track_offsets else None
+
+    def __len__(self) -> int:
+        return len(self.ids.values)
+
+    def rows_of(self, ids: Sequence[str | None]) -> np.ndarray:
+        """The row of each id (-1 for None), new ids getting a row with an empty state."""
+        rows = self.ids.of(ids)
+        if len(self) > len(self.tiles):  # doubling: rows are added a chunk at a time, copied rarely
+            capacity = max(len(self), 2 * len(self.tiles), 1024)
+            tiles = np.empty((capacity, len(self._empty)))
+            tiles[: len(self.tiles)] = self.tiles
+            tiles[len(self.tiles) :] = self._empty
+            self.tiles = tiles
+            last = np.full((capacity, self.last.shape[1]), -1, dtype=np.int64)
+            last[: len(self.last)] = self.last
+            self.last = last
+            latest = np.full(capacity, -1, dtype=np.int64)
+            latest[: len(self.latest)] = self.latest
+            self.latest = latest
+        if self.offsets is not None:
+            self.offsets += [{} for _ in range(len(self) - len(self.offsets))]
+        return rows
+
+    def apply(
+        self,
+        rows: np.ndarray,
+        source: str,
+        t: np.ndarray,
+        values: Mapping[str, np.ndarray],
+        partitions: Sequence[str] | None = None,
+        offsets: Sequence[int] | None = None,
+    ) -> None:
+        """Apply events of ``source`` (any order): event ``i`` to ``rows[i]`` at ``t[i]``.
+
+        ``values[field]`` holds the fields the layout reads: numbers, and for counted fields
+        their codes (:attr:`DistinctValues.codes`). ``partitions`` and ``offsets`` say where
+        each event was read, kept when the table tracks offsets.
+        """
+        if not len(rows):
+            return
+        self.layout.apply_columns(self.tiles[: len(self)], rows, source, t, values)
+        for index, (counted_source, field) in self.counted.items():
+            if counted_source == source:
+                self.distinct[index].update(rows, values[field], t)
+        if source in self._last_index:
+            np.maximum.at(self.last[:, self._last_index[source]], rows, t)
+        np.maximum.at(self.latest, rows, t)
+        if self.offsets is not None and partitions is not None and offsets is not None:
+            held = self.offsets
+            for r, src_partition, offset in zip(rows.tolist(), partitions, offsets, strict=True):
+                if offset > held[r].get(src_partition, -1):
+                    held[r][src_partition] = offset
+
+    def states(self) -> dict[str, EntityState]:
+        """Each entity's :class:`EntityState`, as the stream worker would store it."""
+        maps = {index: d.maps(len(self)) for index, d in self.distinct.items()}
+        return {
+            entity_id: EntityState(
+                array("d", self.tiles[row].tobytes()),
+                [maps[index][row] for index in sorted(maps)],
+                self.last[row].tolist(),
+                dict(self.offsets[row]) if self.offsets is not None else {},
+            )
+            for row, entity_id in enumerate(self.ids.values)
+        }
