@@ -41,7 +41,6 @@ so replayed state equals the stream worker's state for the same events.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -57,6 +56,7 @@ from stream_ml.features.vector import VectorBuilder
 
 _TX, _LABEL = 0, 1  # the source codes: also the order of events at the same millisecond
 _NOTHING_YET = -(1 << 62)
+_EVENT_TIME, _LABEL_TIME = attrgetter("event_time"), attrgetter("label_time")
 _MAX_PAIRS = 1 << 22  # distinct counts compare (reader, earlier event) pairs: at most this many at once
 
 
@@ -139,7 +139,7 @@ class PointInTime:
         self._tag_code = {tag: code for code, tag in enumerate(self._tags)}
         self._watermarks = {tag: _NOTHING_YET for tag in self._tags}
         self._live = set(self._watermarks)
-        self._new: tuple[list, list, list, list] = ([], [], [], [])  # event, kind, tag, offset
+        self._new: tuple[list, list, list, list, list] = ([], [], [], [], [])  # event, kind, tag, offset, t
         self._held: list[_Events] = []
         # event id -> (event time, entity ids in ENTITIES order): where a label's entities are
         self._tx_entities: dict[str, tuple[int, tuple[str | None, ...]]] = {}
@@ -168,14 +168,47 @@ class PointInTime:
     def add_transaction(self, tx: Transaction, tag: str, offset: int) -> int:
         """Feed a transaction read at ``offset`` of source partition ``tag``; returns its time."""
         if self._admit(tx.event_time, tag, offset):
-            self._queue(tx, _TX, tag, offset)
+            self._queue(tx, _TX, tag, offset, tx.event_time)
         return tx.event_time
 
     def add_label(self, label: Label, tag: str, offset: int) -> int:
         """Feed a label (it counts at the time it arrived); returns that time."""
         if self._admit(label.label_time, tag, offset):
-            self._queue(label, _LABEL, tag, offset)
+            self._queue(label, _LABEL, tag, offset, label.label_time)
         return label.label_time
+
+    def add_transactions(self, txs: list[Transaction], tag: str, offsets: list[int]) -> None:
+        """:meth:`add_transaction` for consecutive transactions of one source partition."""
+        self._add_many(txs, list(map(_EVENT_TIME, txs)), _TX, tag, offsets)
+
+    def add_labels(self, labels: list[Label], tag: str, offsets: list[int]) -> None:
+        """:meth:`add_label` for consecutive labels of one source partition."""
+        self._add_many(labels, list(map(_LABEL_TIME, labels)), _LABEL, tag, offsets)
+
+    def _add_many(self, events: list, times: list[int], kind: int, tag: str, offsets: list[int]) -> None:
+        if not events:
+            return
+        span = self.counts.by_partition.setdefault(tag, [offsets[0], offsets[0]])
+        span[1] = offsets[-1]
+        t = np.array(times, dtype=np.int64)
+        # the lateness rule of _admit: against the largest time before each event
+        before = np.maximum.accumulate(np.concatenate(([self._watermarks[tag]], t)))
+        late = t < before[:-1] - self.lateness_ms
+        self._watermarks[tag] = int(before[-1])
+        queued, kinds, tags, at, queued_times = self._new
+        if late.any():
+            self.counts.late += int(late.sum())
+            keep = np.flatnonzero(~late).tolist()
+            events, offsets, times = (
+                [events[i] for i in keep],
+                [offsets[i] for i in keep],
+                [times[i] for i in keep],
+            )
+        queued += events
+        queued_times += times
+        kinds += [kind] * len(events)
+        tags += [self._tag_code[tag]] * len(events)
+        at += offsets
 
     def finish_partition(self, tag: str) -> None:
         """Nothing more will come from ``tag``: it no longer holds events back."""
@@ -195,12 +228,13 @@ class PointInTime:
             self._watermarks[tag] = t
         return True
 
-    def _queue(self, event: Transaction | Label, kind: int, tag: str, offset: int) -> None:
-        events, kinds, tags, offsets = self._new
+    def _queue(self, event: Transaction | Label, kind: int, tag: str, offset: int, t: int) -> None:
+        events, kinds, tags, offsets, times = self._new
         events.append(event)
         kinds.append(kind)
         tags.append(self._tag_code[tag])
         offsets.append(offset)
+        times.append(t)
 
     # -- computing ------------------------------------------------------------------------
 
@@ -232,18 +266,21 @@ class PointInTime:
         return _joined(chunks, len(self.builder.names))
 
     def _hold_new(self) -> None:
-        events, kinds, tags, offsets = self._new
+        events, kinds, tags, offsets, times = self._new
         if not events:
             return
         column = np.empty(len(events), dtype=object)
         column[:] = events
-        kind = np.array(kinds, dtype=np.int8)
-        t = np.array(
-            [e.event_time if k == _TX else e.label_time for e, k in zip(events, kinds, strict=True)],
-            dtype=np.int64,
+        self._held.append(
+            _Events(
+                np.array(times, dtype=np.int64),
+                np.array(kinds, dtype=np.int8),
+                np.array(tags, dtype=np.int32),
+                np.array(offsets, dtype=np.int64),
+                column,
+            )
         )
-        self._held.append(_Events(t, kind, np.array(tags, dtype=np.int32), np.array(offsets), column))
-        self._new = ([], [], [], [])
+        self._new = ([], [], [], [], [])
 
     def _chunk(self, ev: _Events) -> Chunk:
         """Vectors of the chunk's transactions, then the chunk applied to the states."""
@@ -251,8 +288,8 @@ class PointInTime:
         at = {_TX: np.flatnonzero(is_tx), _LABEL: np.flatnonzero(~is_tx)}
         events = {kind: ev.event[where].tolist() for kind, where in at.items()}
         ids = self._entity_ids(ev, at, events)
-        fields = self._fields(len(ev.t), at, events)
-        read = is_tx[at[_TX]] & (ev.t[at[_TX]] >= self.rows_from) & (ev.t[at[_TX]] < self.rows_to)
+        numbers, counted = self._fields(len(ev.t), at, events)
+        read = (ev.t[at[_TX]] >= self.rows_from) & (ev.t[at[_TX]] < self.rows_to)
         readers = at[_TX][read]
         txs: list[Transaction] = [tx for tx, r in zip(events[_TX], read.tolist(), strict=True) if r]
         t_read = ev.t[readers]
@@ -260,10 +297,19 @@ class PointInTime:
         latest = np.full(len(readers), -1, dtype=np.int64)
         last_seen: dict[str, np.ndarray] = {}
         for entity, table in self.tables.items():
-            rows = table.rows_of(ids[entity])
-            values = {name: fields[name] for names in table.layout.fields.values() for name in names}
+            rows = np.full(len(ev.t), -1, dtype=np.int64)
+            for kind, entity_ids in enumerate(ids[entity]):
+                rows[at[kind]] = table.rows_of(entity_ids)
+            values = {
+                name: numbers[name]
+                for names in table.layout.fields.values()
+                for name in names
+                if name in numbers
+            }
             for index, (_, name) in table.counted.items():
-                values[name] = table.distinct[index].codes.of(fields[name])  # type: ignore[arg-type]
+                codes = values[name] = np.full(len(ev.t), -1, dtype=np.int64)
+                for where, raw in counted[name]:
+                    codes[where] = table.distinct[index].codes.of(raw)
             reads = _EntityReads(table, rows, ev, values, readers)
             out[:, self.builder.columns[entity]] = reads.features()
             latest = np.maximum(latest, reads.latest_before())
@@ -292,8 +338,9 @@ class PointInTime:
 
     def _entity_ids(
         self, ev: _Events, at: dict[int, np.ndarray], events: dict[int, list]
-    ) -> dict[str, np.ndarray]:
-        """Each event's entity ids (object arrays, None where none): a label's are its transaction's.
+    ) -> dict[str, tuple[list, list]]:
+        """Per entity type, the ids of the chunk's transactions and of its labels (a label's are
+        its transaction's; None where none).
 
         A label finds its transaction among those applied before it, in the chunk's order.
         """
@@ -303,29 +350,30 @@ class PointInTime:
         label_ids = list(map(attrgetter("event_id"), labels))
         index = self._tx_entities
         before = list(map(index.get, label_ids))
+        known = len(index)
         index.update(zip(tx_ids, zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True), strict=True))
-        found = list(map(index.get, label_ids))
-        # a transaction of this chunk found by a label it comes after: the label saw what was before
-        in_chunk = dict(zip(tx_ids, at[_TX].tolist(), strict=True))
-        if len(in_chunk) < len(tx_ids):  # one event id twice in the chunk: which one a label sees
+        if len(index) - known < len(tx_ids):  # an event id seen again: which one each label sees
             found = self._found_in_order(ev, at, tx_ids, label_ids, before, by_entity)
         else:
-            position = np.fromiter(map(in_chunk.get, label_ids, itertools.repeat(-1)), np.int64, len(labels))
-            for i in np.flatnonzero(position > at[_LABEL]).tolist():
-                found[i] = before[i]
+            # A transaction later than its label comes after it: the label sees what was before.
+            times = ev.t[at[_LABEL]].tolist()
+            found = [
+                b if f is not None and f[0] > t else f
+                for f, b, t in zip(map(index.get, label_ids), before, times, strict=True)
+            ]
         self.counts.labels_unknown += found.count(None)
-        times = ev.t[at[_LABEL]]
-        counted = np.flatnonzero(times <= self.label_cutoff).tolist()  # time order: the latest wins
+        times = ev.t[at[_LABEL]].tolist()
         frauds = list(map(attrgetter("is_fraud"), labels))
-        self.labels.update((label_ids[i], (frauds[i], int(times[i]))) for i in counted)
-        out = {}
-        for entity in self.tables:
-            p = self._entity_position[entity] + 1
-            column = np.full(len(ev.t), None, dtype=object)
-            column[at[_TX]] = by_entity[p - 1]
-            column[at[_LABEL]] = [None if f is None else f[p] for f in found]
-            out[entity] = column
-        return out
+        counted = zip(label_ids, zip(frauds, times, strict=True), strict=True)
+        if times and times[-1] > self.label_cutoff:
+            counted = ((e, ft) for e, ft in counted if ft[1] <= self.label_cutoff)
+        self.labels.update(counted)  # in time order: the latest label of an event wins
+        nobody = (None,) * (len(ENTITIES) + 1)
+        by_label = list(zip(*[nobody if f is None else f for f in found], strict=True)) if found else []
+        return {
+            entity: (by_entity[p], list(by_label[p + 1]) if found else [])
+            for entity, p in self._entity_position.items()
+        }
 
     def _found_in_order(
         self,
@@ -351,20 +399,23 @@ class PointInTime:
                 found.append(latest.get(label_ids[i], before[i]))
         return found
 
-    def _fields(self, n: int, at: dict[int, np.ndarray], events: dict[int, list]) -> dict[str, np.ndarray]:
-        """The fields the states read, as columns over the chunk: numbers (0 where absent), values (None)."""
-        fields: dict[str, np.ndarray] = {}
+    def _fields(
+        self, n: int, at: dict[int, np.ndarray], events: dict[int, list]
+    ) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[np.ndarray, list]]]]:
+        """The fields the states read: numbers as columns over the chunk (0 where absent), and
+        the values to count as (positions, values) per source."""
+        numbers: dict[str, np.ndarray] = {}
+        counted: dict[str, list[tuple[np.ndarray, list]]] = {}
         for kind, source in enumerate(SOURCES):
             where, picked = at[kind], events[kind]
             for name in self._numbers[source]:
-                column = fields.setdefault(name, np.zeros(n))
+                column = numbers.setdefault(name, np.zeros(n))
                 column[where] = np.fromiter(
                     map(attrgetter(name), picked), dtype=np.float64, count=len(picked)
                 )
             for name in self._values[source]:
-                column = fields.setdefault(name, np.full(n, None, dtype=object))
-                column[where] = list(map(attrgetter(name), picked))
-        return fields
+                counted.setdefault(name, []).append((where, list(map(attrgetter(name), picked))))
+        return numbers, counted
 
     def _forget_old_transactions(self) -> None:
         """Transactions older than the label horizon can no longer be labelled (as in the worker)."""

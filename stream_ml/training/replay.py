@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +209,9 @@ async def _read(
         if tp.topic != settings.topic_predictions:
             pit.finish_partition(f"{tp.topic}:{tp.partition}")
 
-    add_tx, add_label = pit.add_transaction, pit.add_label
-    handlers: dict[str, Callable[[Any, str, int], int | None]] = {
-        settings.topic_transactions: lambda r, tag, o: _feed(add_tx, decode_transaction, r, tag, o),
-        settings.topic_labels: lambda r, tag, o: _feed(add_label, decode_label, r, tag, o),
-        settings.topic_predictions: lambda r, tag, o: _prediction(result.predictions, r),
+    decoders: dict[str, tuple[Callable, Callable[[Any], int], Callable]] = {
+        settings.topic_transactions: (decode_transaction, attrgetter("event_time"), pit.add_transactions),
+        settings.topic_labels: (decode_label, attrgetter("label_time"), pit.add_labels),
     }
     while live:
         fetched = await kafka.getmany(*live, timeout_ms=200, max_records=20_000)
@@ -222,23 +221,31 @@ async def _read(
             if tp not in live:
                 continue
             end = ends.setdefault(tp, kafka.highwater(tp) or 0)  # the log as it was when we came
-            handle = handlers[tp.topic]
-            tag = f"{tp.topic}:{tp.partition}"
-            stop = stop_after[tp.topic]
-            for record in records:
-                if record.offset >= end:
-                    finish(tp)
-                    break
-                t = handle(record, tag, record.offset)
-                n += 1
-                if t is None:
-                    invalid += 1
-                elif t > stop:
-                    finish(tp)
-                    break
+            done = records[-1].offset + 1 >= end
+            if records[-1].offset >= end:
+                records = [r for r in records if r.offset < end]
+            if tp.topic == settings.topic_predictions:
+                invalid += sum(_prediction(result.predictions, r) is None for r in records)
             else:
-                if records[-1].offset + 1 >= end:
-                    finish(tp)
+                decode, time_of, add = decoders[tp.topic]
+                events = [_decoded(decode, r.value) for r in records]
+                valid = [i for i, e in enumerate(events) if e is not None]
+                stop = stop_after[tp.topic]
+                times = list(map(time_of, (events[i] for i in valid)))
+                late_enough = next((j for j, t in enumerate(times) if t > stop), None)
+                if late_enough is not None:  # the first event after what can matter: the last one read
+                    valid = valid[: late_enough + 1]
+                    records = records[: valid[-1] + 1]
+                    done = True
+                invalid += len(records) - len(valid)
+                add(
+                    [events[i] for i in valid],
+                    f"{tp.topic}:{tp.partition}",
+                    [records[i].offset for i in valid],
+                )
+            n += len(records)
+            if done:
+                finish(tp)
         if idle >= _IDLE_POLLS:  # nothing came back: partitions at their end (or empty) are done
             for tp in list(live):
                 highwater = kafka.highwater(tp)
@@ -256,15 +263,12 @@ async def _read(
     return chunks
 
 
-def _feed(
-    add: Callable[[Any, str, int], int], decode: Callable, record: Any, tag: str, offset: int
-) -> int | None:
-    """Decode and feed one record; its time, or None if it is invalid (the worker dead-lettered it)."""
+def _decoded(decode: Callable[[bytes], Any], value: bytes | None) -> Any:
+    """The event, or None if the record is invalid (the worker dead-lettered it)."""
     try:
-        event = decode(record.value)
+        return decode(value)
     except Exception:  # InvalidMessage, or a decoder bug: an invalid record here as in the worker
         return None
-    return add(event, tag, offset)
 
 
 def _prediction(into: dict[str, Prediction], record: Any) -> int | None:
