@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from stream_ml.events.prediction import Prediction
 from stream_ml.events.publish import publish
 from stream_ml.features import FRAUD_FEATURES
 from stream_ml.feedback.options import FeedbackOptions, WatchOptions
-from stream_ml.feedback.worker import FeedbackWorker, _collector_paused
+from stream_ml.feedback.worker import FeedbackWorker
 from stream_ml.registry import Registry
 from stream_ml.stack import kafka_bootstrap, redis_url
 
@@ -309,23 +308,3 @@ def test_worker_feedback_help():
     result = run_cli("worker", "feedback", "--help", env=settings_env(Settings.from_env({})))
     assert result.returncode == 0
     assert "--join-ttl" in result.stdout and "--window" in result.stdout
-
-
-def test_a_batch_pauses_the_garbage_collector_and_gives_its_state_back():
-    assert gc.isenabled()
-    with _collector_paused():
-        assert not gc.isenabled()
-        with _collector_paused():  # batches of two workers in one process
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    assert gc.isenabled()
-    with pytest.raises(RuntimeError), _collector_paused():
-        raise RuntimeError("a failed batch")
-    assert gc.isenabled()
-    gc.disable()  # a host that runs without the collector keeps it off
-    try:
-        with _collector_paused():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()

@@ -23,12 +23,10 @@ error (Redis: after a 10 s socket timeout); restarted, it resumes from its last 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +34,7 @@ import msgpack
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from stream_ml import collector
 from stream_ml.config import Settings
 from stream_ml.events.consume import split_valid
 from stream_ml.events.deadletter import Rejected
@@ -132,7 +131,7 @@ class FeatureWorker:
                 fetched = await fetch_or_stop(self._consumer, stop, self.options.max_records)
                 if fetched is None:
                     break
-                with _gc_paused():
+                with collector.paused():
                     finish = await self._compute(fetched)
                 # One batch is written and committed while the next is computed: never more, so
                 # a slow Redis or broker slows the consumption instead of piling batches up.
@@ -439,22 +438,3 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.worker.load_watermarks(set(assigned))
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is processed.
-
-    A batch holds ~1M young objects (records, events, updates) until it ends: with the default
-    thresholds they are scanned over and over and promoted, and promoted objects trigger full
-    collections of the whole state cache (measured: a third of stage 1's time). Paused, the
-    collector runs once after the batch, over its survivors only; cycles wait one batch at most.
-    """
-    if not gc.isenabled():  # paused by the embedding program: leave it so
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
-from collections.abc import Iterator
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import ConsumerRecord
 
+from stream_ml import collector
 from stream_ml.config import Settings
 from stream_ml.events.consume import split_valid
 from stream_ml.events.deadletter import Rejected
@@ -140,7 +139,7 @@ class FeedbackWorker:
 
     async def process(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """One batch, start to end: validated, watched for drift, joined, learnt, committed."""
-        with _collector_paused():
+        with collector.paused():
             await self._process(fetched)
 
     async def _process(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -260,26 +259,6 @@ class FeedbackWorker:
         if self._busy is not None:
             with contextlib.suppress(Exception):  # its error surfaces in the run loop
                 await self._busy
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the time of one batch.
-
-    A batch makes a dozen objects per record (records, events, join entries, predictions,
-    examples) that all live until the batch ends. Collections during the batch scan them and
-    promote them to the older generations, whose growth brings on full collections of the whole
-    heap: a sixth of the label phase. With the collector paused, they are freed by their
-    reference counts when the batch ends, unscanned; the rare cyclic garbage of a batch waits for
-    the next collection. The collector is turned back on only if it was on before.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class _Rebalance(ConsumerRebalanceListener):
