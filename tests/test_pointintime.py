@@ -162,3 +162,20 @@ def test_offsets_are_tracked_for_a_backfill():
     assert states["card"]["c1"].offsets == {"transactions:0": 4, "transactions:1": 3, "labels:0": 7}
     assert states["merchant"]["m1"].offsets == {"transactions:0": 4, "transactions:1": 3, "labels:0": 7}
     assert "device" in states and not states["device"]
+
+
+def test_distinct_counts_in_small_blocks_of_pairs_give_the_same_vectors(monkeypatch):
+    """A hot entity makes many (reader, earlier event) pairs: they are counted a block at a time."""
+    rng = random.Random(5)
+    stream = _stream(rng, 600)
+    want_ids, want, _, _ = _reference(stream, T0)
+    monkeypatch.setattr("stream_ml.training.pointintime._MAX_PAIRS", 7)
+    pit = PointInTime(FRAUD_FEATURES, TAGS, rows_from=T0, chunk_size=600)
+    offsets = dict.fromkeys(TAGS, 0)
+    for tag, event in stream:
+        add = pit.add_transaction if isinstance(event, Transaction) else pit.add_label
+        add(event, tag, offsets[tag])  # type: ignore[arg-type]
+        offsets[tag] += 1
+    chunk = pit.release(final=True)
+    assert chunk.event_ids == want_ids
+    np.testing.assert_allclose(chunk.features, want.astype(np.float32), rtol=1e-6, atol=1e-6)
