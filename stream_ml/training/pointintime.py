@@ -141,8 +141,8 @@ class PointInTime:
         self._live = set(self._watermarks)
         self._new: tuple[list, list, list, list, list] = ([], [], [], [], [])  # event, kind, tag, offset, t
         self._held: list[_Events] = []
-        # event id -> (event time, entity ids in ENTITIES order): where a label's entities are
-        self._tx_entities: dict[str, tuple[int, tuple[str | None, ...]]] = {}
+        # event id -> (event time, *entity ids in ENTITIES order): where a label's entities are
+        self._tx_entities: dict[str, tuple] = {}
         self._entity_position = {e: list(ENTITIES).index(e) for e in self.layouts}
         # the fields each source's events carry to the states: numbers, and values to count
         self._numbers = {
