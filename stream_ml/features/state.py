@@ -164,9 +164,10 @@ class Layout:
         """(column, tile_ms) of each distinct feature counting the values ``index``."""
         return self._distinct_reads.get(index, [])
 
-    def since_last_reads(self) -> list[tuple[int, int]]:
-        """(column, index into EntityState.last) of each since-last feature."""
-        return [(column, index) for column, index, _, _ in self._since_last_reads]
+    def since_last_reads(self) -> list[tuple[int, str, int]]:
+        """(column, source, index into EntityState.last) of each since-last feature."""
+        source = {index: s for s, index in self._last.items()}
+        return [(column, source[index], index) for column, index, _, _ in self._since_last_reads]
 
     def last_sources(self) -> dict[str, int]:
         """Source -> index into EntityState.last, for the sources a since-last feature reads."""
@@ -379,18 +380,19 @@ class Layout:
         since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
         return np.where(last < 0, default, since)
 
-    def seen(self, state: EntityState | None, feature: Feature, value: str | None, t: int) -> bool:
-        """Whether ``value`` counts in the distinct ``feature`` as of ``t``."""
-        return bool(in_window(self.last_seen(state, feature, value), t, feature.tile_ms))
-
     def last_seen(self, state: EntityState | None, feature: Feature, value: str | None) -> int:
         """When the entity last saw ``value`` of the distinct ``feature``'s field (``NEVER``: not)."""
-        index = self._distinct_index.get(feature.name)
-        if index is None:
-            raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
+        index = self.distinct_index(feature)
         if state is None or value is None:
             return NEVER
         return state.distinct[index].get(value, NEVER)
+
+    def distinct_index(self, feature: Feature) -> int:
+        """Where the values of the distinct ``feature`` are kept (``EntityState.distinct[index]``)."""
+        index = self._distinct_index.get(feature.name)
+        if index is None:
+            raise KeyError(f"{feature.name} is not a distinct feature of {self.entity}")
+        return index
 
     # -- storing --------------------------------------------------------------------------
 

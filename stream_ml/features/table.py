@@ -30,6 +30,11 @@ from stream_ml.features.state import NEVER, EntityState, Layout
 _VALUE_BITS = 31  # a (row, value) pair is one int64: row << 31 | value code
 
 
+def pair_key(rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """One sortable int64 per (row, value code) pair: by row, then by value."""
+    return (rows << _VALUE_BITS) | codes
+
+
 class Codes:
     """Values to small integers, in the order first seen (-1 for None)."""
 
@@ -63,7 +68,7 @@ class DistinctValues:
 
     def lookup(self, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """When each row last saw each value (``NEVER``: not, or the code is -1)."""
-        key = (rows << _VALUE_BITS) | np.maximum(codes, 0)
+        key = pair_key(rows, np.maximum(codes, 0))
         at = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
         out = np.full(len(rows), NEVER, dtype=np.int64)
         if len(self.keys):
@@ -73,8 +78,8 @@ class DistinctValues:
 
     def of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every value of the given rows, flattened: (index into ``rows``, time last seen)."""
-        start = np.searchsorted(self.keys, rows << _VALUE_BITS)
-        lengths = np.searchsorted(self.keys, (rows + 1) << _VALUE_BITS) - start
+        start = np.searchsorted(self.keys, pair_key(rows, 0))
+        lengths = np.searchsorted(self.keys, pair_key(rows + 1, 0)) - start
         owner = np.repeat(np.arange(len(rows)), lengths)
         first = np.repeat(np.cumsum(lengths) - lengths, lengths)
         return owner, self.times[start[owner] + np.arange(len(owner)) - first]
@@ -82,7 +87,7 @@ class DistinctValues:
     def update(self, rows: np.ndarray, codes: np.ndarray, times: np.ndarray) -> None:
         """Events seeing ``codes`` (-1: no value) at ``times``: each pair keeps its latest time."""
         seen = codes >= 0
-        key = (rows[seen] << _VALUE_BITS) | codes[seen]
+        key = pair_key(rows[seen], codes[seen])
         t = times[seen]
         order = np.lexsort((t, key))
         key, t = key[order], t[order]

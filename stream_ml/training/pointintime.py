@@ -51,7 +51,7 @@ from stream_ml.events.label import Label
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import ENTITIES, SOURCES, TILES, Feature, FeatureSet
 from stream_ml.features.state import NEVER, EntityState, WindowStats, in_window
-from stream_ml.features.table import StateTable
+from stream_ml.features.table import StateTable, pair_key
 from stream_ml.features.vector import VectorBuilder
 
 _TX, _LABEL = 0, 1  # the source codes: also the order of events at the same millisecond
@@ -167,74 +167,47 @@ class PointInTime:
 
     def add_transaction(self, tx: Transaction, tag: str, offset: int) -> int:
         """Feed a transaction read at ``offset`` of source partition ``tag``; returns its time."""
-        if self._admit(tx.event_time, tag, offset):
-            self._queue(tx, _TX, tag, offset, tx.event_time)
+        self._add([tx], [tx.event_time], _TX, tag, [offset])
         return tx.event_time
 
     def add_label(self, label: Label, tag: str, offset: int) -> int:
         """Feed a label (it counts at the time it arrived); returns that time."""
-        if self._admit(label.label_time, tag, offset):
-            self._queue(label, _LABEL, tag, offset, label.label_time)
+        self._add([label], [label.label_time], _LABEL, tag, [offset])
         return label.label_time
 
     def add_transactions(self, txs: list[Transaction], tag: str, offsets: list[int]) -> None:
         """:meth:`add_transaction` for consecutive transactions of one source partition."""
-        self._add_many(txs, list(map(_EVENT_TIME, txs)), _TX, tag, offsets)
+        self._add(txs, list(map(_EVENT_TIME, txs)), _TX, tag, offsets)
 
     def add_labels(self, labels: list[Label], tag: str, offsets: list[int]) -> None:
         """:meth:`add_label` for consecutive labels of one source partition."""
-        self._add_many(labels, list(map(_LABEL_TIME, labels)), _LABEL, tag, offsets)
-
-    def _add_many(self, events: list, times: list[int], kind: int, tag: str, offsets: list[int]) -> None:
-        if not events:
-            return
-        span = self.counts.by_partition.setdefault(tag, [offsets[0], offsets[0]])
-        span[1] = offsets[-1]
-        t = np.array(times, dtype=np.int64)
-        # the lateness rule of _admit: against the largest time before each event
-        before = np.maximum.accumulate(np.concatenate(([self._watermarks[tag]], t)))
-        late = t < before[:-1] - self.lateness_ms
-        self._watermarks[tag] = int(before[-1])
-        queued, kinds, tags, at, queued_times = self._new
-        if late.any():
-            self.counts.late += int(late.sum())
-            keep = np.flatnonzero(~late).tolist()
-            events, offsets, times = (
-                [events[i] for i in keep],
-                [offsets[i] for i in keep],
-                [times[i] for i in keep],
-            )
-        queued += events
-        queued_times += times
-        kinds += [kind] * len(events)
-        tags += [self._tag_code[tag]] * len(events)
-        at += offsets
+        self._add(labels, list(map(_LABEL_TIME, labels)), _LABEL, tag, offsets)
 
     def finish_partition(self, tag: str) -> None:
         """Nothing more will come from ``tag``: it no longer holds events back."""
         self._live.discard(tag)
 
-    def _admit(self, t: int, tag: str, offset: int) -> bool:
-        span = self.counts.by_partition.get(tag)
-        if span is None:
-            self.counts.by_partition[tag] = [offset, offset]
-        else:
-            span[1] = offset
+    def _add(self, events: list, times: list[int], kind: int, tag: str, offsets: list[int]) -> None:
+        if not events:
+            return
+        span = self.counts.by_partition.setdefault(tag, [offsets[0], offsets[0]])
+        span[1] = offsets[-1]
+        queued, kinds, tags, at, queued_times = self._new
+        code = self._tag_code[tag]
         watermark = self._watermarks[tag]
-        if t < watermark - self.lateness_ms:  # the stream worker's rule: dead-lettered there
-            self.counts.late += 1
-            return False
-        if t > watermark:
-            self._watermarks[tag] = t
-        return True
-
-    def _queue(self, event: Transaction | Label, kind: int, tag: str, offset: int, t: int) -> None:
-        events, kinds, tags, offsets, times = self._new
-        events.append(event)
-        kinds.append(kind)
-        tags.append(self._tag_code[tag])
-        offsets.append(offset)
-        times.append(t)
+        lateness = self.lateness_ms
+        for event, t, offset in zip(events, times, offsets, strict=True):
+            if t < watermark - lateness:  # the stream worker's rule: dead-lettered there
+                self.counts.late += 1
+                continue
+            if t > watermark:
+                watermark = t
+            queued.append(event)
+            queued_times.append(t)
+            kinds.append(kind)
+            tags.append(code)
+            at.append(offset)
+        self._watermarks[tag] = watermark
 
     # -- computing ------------------------------------------------------------------------
 
@@ -350,19 +323,18 @@ class PointInTime:
         label_ids = list(map(attrgetter("event_id"), labels))
         index = self._tx_entities
         before = list(map(index.get, label_ids))
+        times = ev.t[at[_LABEL]].tolist()
         known = len(index)
         index.update(zip(tx_ids, zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True), strict=True))
         if len(index) - known < len(tx_ids):  # an event id seen again: which one each label sees
             found = self._found_in_order(ev, at, tx_ids, label_ids, before, by_entity)
         else:
             # A transaction later than its label comes after it: the label sees what was before.
-            times = ev.t[at[_LABEL]].tolist()
             found = [
                 b if f is not None and f[0] > t else f
                 for f, b, t in zip(map(index.get, label_ids), before, times, strict=True)
             ]
         self.counts.labels_unknown += found.count(None)
-        times = ev.t[at[_LABEL]].tolist()
         frauds = list(map(attrgetter("is_fraud"), labels))
         counted = zip(label_ids, zip(frauds, times, strict=True), strict=True)
         if times and times[-1] > self.label_cutoff:
@@ -477,6 +449,8 @@ class _EntityReads:
         }
         self._ends: dict[tuple[int, str | None], np.ndarray] = {}
         self._window_runs: dict[tuple[int, str | None, int], tuple[np.ndarray, np.ndarray]] = {}
+        # the time of each reader's entity's latest earlier event, of any source (-1: none)
+        self._latest = self._previous_time(None, table.latest[self.r])
 
     # -- reading --------------------------------------------------------------------------
 
@@ -494,26 +468,23 @@ class _EntityReads:
                 owner, last_seen = distinct.of_rows(self.r)
                 for column, counts in layout.distinct_counts(index, owner, last_seen, self.t):
                     mine[:, column] = counts + self._new_distinct(index, reads[column])
-        sources = {i: s for s, i in layout.last_sources().items()}
-        for column, index in layout.since_last_reads():
-            last = self._previous_time(SOURCES.index(sources[index]), table.last[self.r, index])
+        for column, source, index in layout.since_last_reads():
+            last = self._previous_time(SOURCES.index(source), table.last[self.r, index])
             mine[:, column] = layout.since_last(column, last, self.t)
         # an entity with no event before the reader has no state: its defaults, as in the store
-        has_state = self._previous_time(None, table.latest[self.r]) >= 0
+        has_state = self._latest >= 0
         out[self.slots[has_state]] = mine[has_state]
         return out
 
     def latest_before(self) -> np.ndarray:
         """The time of the entity's latest earlier event (-1: none; and for readers without the entity)."""
         out = np.full(self.n_readers, -1, dtype=np.int64)
-        out[self.slots] = self._previous_time(None, self.table.latest[self.r])
+        out[self.slots] = self._latest
         return out
 
     def last_seen(self, feature: Feature, values: list[str | None]) -> np.ndarray:
         """When each reader's entity last saw ``values[i]`` of the distinct ``feature`` (NEVER: not)."""
-        index = next(
-            i for s, f, i in self.layout.distinct_series() if (s, f) == (feature.source, feature.field)
-        )
+        index = self.layout.distinct_index(feature)
         distinct = self.table.distinct[index]
         code = distinct.codes.of([values[i] for i in self.slots.tolist()])
         sub = self._sub(SOURCES.index(feature.source), feature.field)
@@ -522,10 +493,10 @@ class _EntityReads:
         value = self.values[feature.field][pos]
         order = np.lexsort((pos, value, self.rows[pos]))
         pos, value = pos[order], value[order]
-        pairs, rank = np.unique((self.rows[pos] << 31) | value, return_inverse=True)
-        wanted = np.searchsorted(pairs, (self.r << 31) | np.maximum(code, 0))
+        pairs, rank = np.unique(pair_key(self.rows[pos], value), return_inverse=True)
+        wanted = np.searchsorted(pairs, pair_key(self.r, np.maximum(code, 0)))
         known = (code >= 0) & (wanted < len(pairs))
-        known[known] = pairs[wanted[known]] == ((self.r[known] << 31) | code[known])
+        known[known] = pairs[wanted[known]] == pair_key(self.r[known], code[known])
         at = np.searchsorted(rank * (self.n + 1) + pos, wanted * (self.n + 1) + self.readers) - 1
         hit = known & (at >= 0)
         hit[hit] = rank[at[hit]] == wanted[hit]
