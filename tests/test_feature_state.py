@@ -72,7 +72,7 @@ def test_every_feature_matches_the_oracle_at_random_times(seed):
             )
         if offset % 500 == 0:  # the stored form round-trips mid-stream
             for key, state in states.items():
-                states[key] = L[key[0]].decode(L[key[0]].encode(state))
+                states[key] = L[key[0]].decode(L[key[0]].encode(state), writable=True)
     labels.sort(key=lambda lt: lt[0].label_time)
     for offset, (label, tx) in enumerate(labels):
         if not oracle.label(label, tx, partition=0):
@@ -108,6 +108,42 @@ def test_every_feature_matches_the_oracle_at_random_times(seed):
             batch = layout.read_many([states[k] for k in keys] + [None], [t] * (len(keys) + 1))
             assert batch[:-1] == [layout.read(states[k], t) for k in keys]
             assert batch[-1] == [f.default for f in layout.features]  # no state: the defaults
+    # The scorer reads states as stored (distinct values not unpacked): the same values again.
+    for entity, layout in L.items():
+        keys = [k for k in states if k[0] == entity]
+        stored = layout.decode_many(layout.encode_many([states[k] for k in keys]))
+        for t in times[:4]:
+            assert layout.read_many(stored, [t] * len(keys)) == [layout.read(states[k], t) for k in keys]
+
+
+def test_stored_distinct_values_read_like_the_dicts_they_were():
+    builder = VectorBuilder(FRAUD_FEATURES)
+    card = builder.layouts["card"]
+    rng = random.Random(5)
+    state = card.new()
+    # any text but lone surrogates: ids that look like prefixes of others, non-ASCII, separators
+    names = ["m1", "m10", "m", "mé", "日本", "m 1", "m\x00", "FR"] + [f"m{i}" for i in range(40)]
+    for i in range(300):
+        values = (10.0, rng.choice(names), rng.choice(names), "FR")  # amount, merchant, device, country
+        card.apply(state, "transactions", T0 + i * 600_000, values, "t0", i)
+    stored = card.decode(card.encode(state))
+    assert {type(d).__name__ for d in stored.distinct} == {"StoredValues", "dict"}  # large sets, small ones
+    writable = card.decode(card.encode(state), writable=True)
+    for plain, packed, back in zip(state.distinct, stored.distinct, writable.distinct, strict=True):
+        assert type(back) is dict and back == plain and list(back) == list(plain)  # order kept too
+        assert len(packed) == len(plain) and dict(packed.items()) == plain and packed == plain
+        for name in [*names, "m2x", "", "1"]:
+            assert packed.get(name) == plain.get(name)
+    assert card.decode(card.encode(card.new())).distinct[0].get("m1") is None  # nothing stored
+    end = T0 + 300 * 600_000
+    txs = [
+        Transaction(f"e{i}", end + i, "c1", merchant, 5.0, "EUR", "FR", "pos", "d")
+        for i, merchant in enumerate([*names, "new", "m2x"])
+    ]
+    as_of = [tx.event_time for tx in txs]
+    want = builder.build_many([{"card": state}] * len(txs), txs, as_of)
+    assert builder.build_many([{"card": stored}] * len(txs), txs, as_of) == want
+    assert {v[builder.names.index("merchant_new_for_card")] for v in want} == {0.0, 1.0}
 
 
 def test_a_window_decays_without_new_events():
@@ -184,9 +220,7 @@ def test_applying_a_batch_of_columns_equals_applying_events_one_by_one(seed):
             want = np.zeros((1, len(layout.features)))
             got = np.zeros((1, len(layout.features)))
             layout.fill_numeric(
-                want,
-                slice(None),
-                layout.window_stats(np.frombuffer(one_by_one[card].tiles)[None, :], np.array([t])),
+                want, layout.window_stats(np.frombuffer(one_by_one[card].tiles)[None, :], np.array([t]))
             )
-            layout.fill_numeric(got, slice(None), layout.window_stats(tiles[row : row + 1], np.array([t])))
+            layout.fill_numeric(got, layout.window_stats(tiles[row : row + 1], np.array([t])))
             np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -60,16 +60,24 @@ class FeatureStore:
     def key(self, entity: str, entity_id: str) -> str:
         return f"{self._prefix}{{{entity}:{entity_id}}}"
 
-    async def load(self, keys: Iterable[EntityKey]) -> dict[EntityKey, EntityState | None]:
-        """The states of ``keys`` in one MGET (None where an entity has none yet)."""
+    async def load(
+        self, keys: Iterable[EntityKey], writable: bool = False
+    ) -> dict[EntityKey, EntityState | None]:
+        """The states of ``keys`` in one MGET (None where an entity has none yet).
+
+        ``writable``: states to change (distinct values as dicts); otherwise to read.
+        """
         keys = list(keys)
         if not keys:
             return {}
         blobs = await self._call("MGET", *[self.key(e, i) for e, i in keys])
-        return {
-            k: (self.layouts[k[0]].decode(blob) if blob is not None else None)
-            for k, blob in zip(keys, blobs, strict=True)
-        }
+        states: dict[EntityKey, EntityState | None] = dict.fromkeys(keys)
+        for entity, layout in self.layouts.items():
+            found = [(k, b) for k, b in zip(keys, blobs, strict=True) if b is not None and k[0] == entity]
+            if found:
+                decoded = layout.decode_many([b for _, b in found], writable)
+                states.update(zip([k for k, _ in found], decoded, strict=True))
+        return states
 
     def prepare(
         self,

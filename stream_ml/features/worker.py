@@ -367,7 +367,7 @@ class FeatureWorker:
                     if u[0] not in owned:
                         missing[(entity, u[0])] = owned
         if missing:  # first sight since this worker got the partition: what the store holds
-            for (entity, entity_id), state in (await self.store.load(missing)).items():
+            for (entity, entity_id), state in (await self.store.load(missing, writable=True)).items():
                 missing[(entity, entity_id)][entity_id] = state or self._layouts[entity].new()
             self._cached += len(missing)
         changed: dict[str, dict[str, EntityState]] = {}

@@ -461,13 +461,14 @@ class _EntityReads:
         mine = np.tile(defaults, (len(self.r), 1))
         if layout.numeric_series():
             stats = layout.window_stats(table.tiles[self.r], self.t)
-            layout.fill_numeric(mine, slice(None), self._with_chunk(stats))
+            layout.fill_numeric(mine, self._with_chunk(stats))
         for index, distinct in table.distinct.items():
             reads = dict(layout.distinct_reads(index))
             if reads:
                 owner, last_seen = distinct.of_rows(self.r)
-                for column, counts in layout.distinct_counts(index, owner, last_seen, self.t):
-                    mine[:, column] = counts + self._new_distinct(index, reads[column])
+                columns, counts = layout.distinct_counts(index, owner, last_seen, self.t)
+                for k, column in enumerate(columns.tolist()):
+                    mine[:, column] = counts[:, k] + self._new_distinct(index, reads[column])
         for column, source, index in layout.since_last_reads():
             last = self._previous_time(SOURCES.index(source), table.last[self.r, index])
             mine[:, column] = layout.since_last(column, last, self.t)
