@@ -83,3 +83,34 @@ def test_cost_model_prediction_is_the_fit_of_the_current_timings():
         if step == 2:
             model.prior(0.0005, 0.004)
             assert model.predict(5) == fresh(model, 5)
+
+
+def test_a_lagging_event_loop_refuses_calls_while_busy_and_forgets_the_lag() -> None:
+    """Calls waiting unread in sockets are invisible to the queue: the loop's lag stands for them."""
+
+    async def scenario() -> None:
+        b = _batcher(0.2)
+        b.start()
+        try:
+            running = asyncio.ensure_future(b.submit(1, time.monotonic() + 10))
+            await asyncio.sleep(0.02)  # a batch runs: the batcher is busy, its queue empty
+            b.admit(time.monotonic() + 0.05)  # no lag yet: admitted
+            loop = asyncio.get_running_loop()
+            loop.call_soon(time.sleep, 0.03)  # one long step: not a backlog
+            await asyncio.sleep(0.01)
+            b.admit(time.monotonic() + 0.05)
+            for _ in range(4):  # the loop late again and again, as under a backlog of calls
+                loop.call_soon(time.sleep, 0.02)
+                await asyncio.sleep(0.001)
+            assert b.lag.lag_s >= 0.015
+            with pytest.raises(Overloaded):
+                b.admit(time.monotonic() + 0.05)
+            b.admit(time.monotonic() + 1.0)  # a call with time to spare still gets in
+            await asyncio.sleep(0.05)  # no stall since: the lag is forgotten
+            assert b.lag.lag_s < 0.005
+            b.admit(time.monotonic() + 0.05)
+            assert await running == 2
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())

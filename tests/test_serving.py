@@ -231,36 +231,67 @@ def _batch_totals(server: Server) -> tuple[float, float]:
     )
 
 
+def _burst(port: int, calls: int, prefix: str) -> list[bytes]:
+    """``calls`` POST /score sent at once, each on its own connection: the raw answers."""
+
+    async def call(i: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps({**TX, "event_id": f"{prefix}{i}"}).encode()
+        writer.write(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    async def burst() -> list[bytes]:
+        return await asyncio.gather(*(call(i) for i in range(calls)))
+
+    return asyncio.run(burst())
+
+
 def test_concurrent_calls_are_micro_batched(server: Server):
     """64 calls sent at once on their own connections: they are scored in fewer model batches."""
     batches_before, requests_before = _batch_totals(server)
 
-    async def burst() -> list[bytes]:
-        async def call(i: int) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            body = json.dumps({**TX, "event_id": f"c{i}"}).encode()
-            writer.write(
-                b"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: "
-                + KEY.encode()
-                + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\nConnection: close\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-            answer = await reader.read()
-            writer.close()
-            return answer
-
-        return await asyncio.gather(*(call(i) for i in range(64)))
-
-    answers = asyncio.run(burst())
+    answers = _burst(server.port, 64, "c")
     assert all(a.startswith(b"HTTP/1.1 200") for a in answers), [
         a[:60] for a in answers if b" 200" not in a[:15]
     ]
     batches, requests = _batch_totals(server)
     assert requests - requests_before == 64
     assert batches - batches_before < 64, "calls that arrived together were never scored together"
+
+
+def test_a_burst_over_capacity_is_shed_at_once_with_503_and_retry_after(store_url: str):
+    """A deadline nobody can meet under a burst: refused before the body is read, each refusal counted."""
+    s = Server(store_url, "--rate-limit", "100000", "--deadline-ms", "2", "--max-batch", "1")
+    try:
+        before = s.get("/metrics")[1]["text"]
+
+        answers = _burst(s.port, 200, "o")
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503") and b"overloaded" in a]
+        # A call that was tried may still miss a 2 ms deadline on a slow machine: dropped, not scored.
+        tried = [a for a in answers if a.startswith(b"HTTP/1.1 200") or b"deadline passed" in a]
+        assert len(refused) + len(tried) == 200
+        assert refused and tried, "an idle scorer tries a call; a busy one refuses what would be late"
+        assert all(b"retry-after: " in a.lower() for a in refused)
+        after = s.get("/metrics")[1]["text"]
+
+        def rejected(text: str) -> float:
+            line = 'stream_ml_score_rejected_total{reason="overload"}'
+            return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+        assert rejected(after) - rejected(before) == len(refused)
+        assert s.score(TX, **{"X-Deadline-Ms": "2000"})[0] == 200  # and it serves on afterwards
+    finally:
+        s.stop()
 
 
 def test_openapi_and_health(server: Server):
@@ -371,6 +402,8 @@ def test_produce_through_the_scorer_scores_every_payment_then_publishes_it(topic
         store_url,
         "--rate-limit",
         "100000",
+        "--deadline-ms",
+        "2000",  # every payment must be scored: 400 at full speed on a busy machine, not a latency test
         env={"STREAM_ML_KAFKA_BOOTSTRAP": bootstrap, "STREAM_ML_TOPIC_PREDICTIONS": topics.topic_predictions},
     )
     try:

@@ -30,11 +30,13 @@ from typing import Any
 import msgpack
 import redis
 import redis.asyncio as aioredis
+import torch
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from stream_ml.events.codec import InvalidMessage
 from stream_ml.events.prediction import Prediction
@@ -132,6 +134,7 @@ class Scorer:
         self.ready = False
 
     async def start(self) -> None:
+        torch.set_num_threads(self.options.torch_threads)
         self.batcher.start()
         if self.predictions is not None:
             self.predictions.start()
@@ -340,7 +343,7 @@ class RateLimiter:
         return (1.0 - tokens) / self.rate
 
 
-def create_app(scorer: Scorer) -> Starlette:
+def create_app(scorer: Scorer) -> ASGIApp:
     options = scorer.options
     limiter = RateLimiter(options.rate_per_key)
     children: dict[tuple[str, ...], Any] = {}  # each label set's metric, looked up once
@@ -432,12 +435,21 @@ def create_app(scorer: Scorer) -> Starlette:
             "latency_ms": round((time.monotonic() - started) * 1000, 3),
         }
 
+    def admit(until: float) -> None:
+        try:
+            scorer.batcher.admit(until)
+        except Overloaded as exc:
+            count(metrics.REJECTED, "overload")
+            raise HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"}) from None
+
     async def score(request: Request) -> Response:
         started = time.monotonic()
         try:
             check(request)
+            until = deadline(request, started)
+            admit(until)
             body = await read_body(request)
-            answer = await score_one(body, deadline(request, started), started)
+            answer = await score_one(body, until, started)
         except HTTPError as exc:
             count(metrics.RESPONSES, "score", str(exc.status))
             return _error(exc)
@@ -491,7 +503,7 @@ def create_app(scorer: Scorer) -> Starlette:
     async def openapi(request: Request) -> Response:
         return _JSONResponse(_openapi(scorer.builder.names))
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/score", score, methods=["POST"]),
             Route("/score/batch", score_batch, methods=["POST"]),
@@ -502,6 +514,40 @@ def create_app(scorer: Scorer) -> Starlette:
         ],
         lifespan=lambda app: _lifespan(scorer),
     )
+    return _ShedFirst(app, scorer)
+
+
+class _ShedFirst:
+    """Refuse ``POST /score`` with 503 before any other work while the scorer is over capacity.
+
+    Under overload most calls are refused, so a refusal's cost decides whether the loop keeps up:
+    answered here, one costs the HTTP parse and two sends, not Starlette's middleware, routing,
+    the body and its JSON. The default deadline is used: a call asking for less is refused by the
+    same check again once its header is read.
+    """
+
+    _BODY = b'{"error":"overloaded: the deadline cannot be met at the current load"}'
+
+    def __init__(self, app: Starlette, scorer: Scorer) -> None:
+        self.app = app
+        self.scorer = scorer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/score":
+            try:
+                self.scorer.batcher.admit(time.monotonic() + self.scorer.options.deadline_ms / 1000)
+            except Overloaded as exc:
+                metrics.REJECTED.labels("overload").inc()
+                metrics.RESPONSES.labels("score", "503").inc()
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(self._BODY)).encode()),
+                    (b"retry-after", f"{exc.retry_after_s:.3f}".encode()),
+                ]
+                await send({"type": "http.response.start", "status": 503, "headers": headers})
+                await send({"type": "http.response.body", "body": self._BODY})
+                return
+        await self.app(scope, receive, send)
 
 
 @contextlib.asynccontextmanager

@@ -82,6 +82,40 @@ class CostModel:
         return a * n + b
 
 
+class LoopLag:
+    """How late the event loop runs callbacks: the wait of a call that arrives now before it is read.
+
+    Under overload a call waits in the socket until the loop comes back to it, where no queue of
+    ours sees it: the batcher's queue stays short while every answer is late. A timer every
+    ``period_s`` measures how late it fires. The figure kept is the least of the last ``window``
+    timings, as CoDel keeps the least delay of an interval: a standing backlog makes every
+    timing late, while one long step (a burst parsed at once, a collection) does not refuse the
+    calls that follow it.
+    """
+
+    def __init__(self, period_s: float = 0.005, window: int = 3) -> None:
+        self.period_s = period_s
+        self._recent: deque[float] = deque([0.0] * window, maxlen=window)
+        self.lag_s = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.period_s
+        self._handle = loop.call_at(due, self._tick, due)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _tick(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._recent.append(now - due)
+        self.lag_s = min(self._recent)
+        self._handle = loop.call_at(now + self.period_s, self._tick, now + self.period_s)
+
+
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
@@ -99,11 +133,14 @@ class MicroBatcher(Generic[Item, Result]):
         self._task: asyncio.Task | None = None
         self._running = 0  # size of the batch being scored, 0 when idle
         self._on_batch = on_batch  # (batch size, oldest queue wait s, run s): for metrics
+        self.lag = LoopLag()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.lag.start()
 
     async def stop(self) -> None:
+        self.lag.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -111,22 +148,35 @@ class MicroBatcher(Generic[Item, Result]):
 
     def expected_wait_s(self) -> float:
         """Until a request submitted now is answered: the batch running, the full batches queued
-        before it, then its own batch."""
+        before it, then its own batch, and the loop's lag twice (to reach the batch, then the
+        answer's turn to be written)."""
         full, rest = divmod(len(self._queue), self.max_batch)
         running = self.cost.predict(self._running) if self._running else 0.0
-        return running + full * self.cost.predict(self.max_batch) + self.cost.predict(rest + 1)
+        batches = running + full * self.cost.predict(self.max_batch) + self.cost.predict(rest + 1)
+        return batches + 2 * self.lag.lag_s
 
-    async def submit(self, item: Item, deadline_s: float) -> Result:
-        """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time."""
-        now = time.monotonic()
+    def admit(self, deadline_s: float) -> None:
+        """Raise :class:`Overloaded` if a request with this deadline would be refused now.
+
+        Callers check before they parse a body, so that refusing costs as little as it can: under
+        overload, refusals are most of the work.
+        """
         wait = self.expected_wait_s()
         if len(self._queue) >= self.max_queue:
             raise Overloaded("queue full", retry_after_s=max(wait, 0.01))
         # Idle, a call is always tried: waiting would not make it faster, and refusing it would also
         # starve the cost model of the timings that let it forget a slow spell.
         busy = self._running or self._queue
-        if busy and now + wait > deadline_s:
+        left = deadline_s - time.monotonic()
+        # A lagging loop is a standing queue of calls we cannot see (as in CoDel): held under a
+        # fifth of the deadline, or the refusals themselves would use the core and every answer,
+        # refusals too, would be late.
+        if busy and (wait > left or self.lag.lag_s > left / 5):
             raise Overloaded("the deadline cannot be met at the current load", retry_after_s=max(wait, 0.01))
+
+    async def submit(self, item: Item, deadline_s: float) -> Result:
+        """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time."""
+        self.admit(deadline_s)
         pending: _Pending[Item, Result] = _Pending(item, deadline_s)
         self._queue.append(pending)
         self._wake.set()

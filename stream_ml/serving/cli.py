@@ -67,6 +67,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve registry models trained on another feature set (same number of inputs only)",
     )
+    _add_torch_threads(serve, d)
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
@@ -97,8 +98,19 @@ def register_worker(topologies: argparse._SubParsersAction) -> None:
     cmd.add_argument(
         "--model-poll-s", type=float, default=d.model_poll_s, help="seconds between reads of the registry"
     )
+    _add_torch_threads(cmd, d)
     add_arguments(cmd)
     cmd.set_defaults(run=_stream)
+
+
+def _add_torch_threads(parser: argparse.ArgumentParser, d: ServeOptions) -> None:
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=d.torch_threads,
+        help=f"CPU threads of the model (default {d.torch_threads}: more spin between small batches' "
+        "operations and take the cores that HTTP and Redis need)",
+    )
 
 
 def _stream(args: argparse.Namespace, settings: Settings) -> int:
@@ -114,6 +126,7 @@ def _stream(args: argparse.Namespace, settings: Settings) -> int:
         decline_threshold=args.decline_threshold,
         degraded_ok=False,  # a stream can wait for the store; a degraded score would be logged for good
         model_poll_s=args.model_poll_s,
+        torch_threads=args.torch_threads,
     )
     runner.configure_logging()
     worker = score.build(settings, options, args.group, args.batch_size)
@@ -155,6 +168,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         prediction_buffer=args.prediction_buffer,
         model_poll_s=args.model_poll_s,
         allow_feature_set_mismatch=args.allow_feature_set_mismatch,
+        torch_threads=args.torch_threads,
     )
     if args.model_poll_s <= 0:
         raise ValueError(f"--model-poll-s must be above 0, got {args.model_poll_s}")
