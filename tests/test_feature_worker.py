@@ -3,7 +3,8 @@
 One dataset (synthetic payments with out-of-order and too-late copies, and their labels) is
 published once; each test runs workers in its own consumer group and Redis database and compares
 the store with the brute-force oracle (tests/feature_oracle.py): one clean worker, a worker
-SIGKILLed and restarted several times, and two workers sharing the partitions.
+SIGKILLed and restarted several times, two workers sharing the partitions, and partitions that
+move while updates wait in them.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 from feature_oracle import Oracle
 from helpers import REPO, read_topic, run_cli, settings_env
@@ -36,6 +40,7 @@ from stream_ml.features.store import FeatureStore
 from stream_ml.kafka import BatchPublisher, group_caught_up, producer
 from stream_ml.stack import kafka_bootstrap, redis_url
 from stream_ml.stack.processes import free_port
+from stream_ml.stack.topics import ensure_topics
 
 START = 1_780_000_000_000  # 2026-05-28 20:26:40 UTC
 HOUR = 3_600_000
@@ -66,8 +71,6 @@ def make_dataset(stack: Settings) -> Dataset:
     rng = random.Random(7)
     tag = uuid.uuid4().hex[:8]
     from dataclasses import replace
-
-    from stream_ml.stack.topics import ensure_topics
 
     settings = replace(
         stack,
@@ -175,6 +178,19 @@ def _start(ds: Dataset, group: str, url: str, *extra: str, metrics_port: int = 0
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _watermarks(group: str, url: str) -> dict[bytes, bytes]:
+    client = redis.Redis.from_url(url)
+    keys = client.keys(f"sm:wm:{group}:*")
+    return dict(zip(keys, client.mget(keys), strict=True)) if keys else {}
+
+
+def _wait_written(group: str, url: str, before: dict[bytes, bytes] | None = None) -> None:
+    """Until the group's workers have written a batch (another than what ``before`` holds)."""
+    deadline = time.monotonic() + 60
+    while _watermarks(group, url) == (before or {}) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _wait_done(ds: Dataset, group: str, workers: list[subprocess.Popen], timeout_s: float = 150.0) -> None:
@@ -301,10 +317,7 @@ def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
     kills = 0
     for _ in range(3):
         worker = _start(dataset, group, url)
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 60
-        while not client.keys(f"sm:wm:{group}:*") and time.monotonic() < deadline:  # it has written
-            time.sleep(0.02)
+        _wait_written(group, url)
         time.sleep(rng.uniform(0.0, 0.6))
         if worker.poll() is None:
             os.kill(worker.pid, signal.SIGKILL)
@@ -322,8 +335,72 @@ def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
 
 
 def test_two_workers_equal_one(dataset: Dataset):
+    """A third joins and leaves mid-stream: partitions move while updates travel to their owners."""
     group, url = f"fw-two-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 3)
     workers = [_start(dataset, group, url), _start(dataset, group, url)]
+    try:
+        _wait_written(group, url)
+        third = _start(dataset, group, url)
+        time.sleep(3)
+        _stop([third])
+        _wait_done(dataset, group, workers)
+    finally:
+        _stop(workers)
+    snapshot = _snapshot(dataset, url)
+    _assert_matches_oracle(dataset, snapshot)
+    _assert_same(snapshot, getattr(dataset, "clean", None))
+
+
+class _Holder:
+    """A group member that holds some of the entity partitions and never reads them.
+
+    While it is there, the worker publishes the updates of those partitions and they wait in the
+    entity topics, as they do on their way to another worker.
+    """
+
+    def __init__(self, ds: Dataset, group: str) -> None:
+        self.topics = [f"{group}-{e}" for e in FRAUD_FEATURES.entities()]
+        bootstrap = kafka_bootstrap(ds.settings)
+        asyncio.run(ensure_topics(bootstrap, self.topics, ds.settings.partitions))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.consumer = self._call(self._join(bootstrap, group))
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    async def _join(self, bootstrap: str, group: str) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
+            *self.topics, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await consumer.start()
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        consumer.pause(*consumer.assignment())
+        return consumer
+
+    def leave(self) -> None:
+        self._call(self.consumer.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_updates_waiting_in_a_moved_partition_are_applied_before_newer_ones(dataset: Dataset):
+    """A worker that gains an entity partition applies what waits in it before its own newer updates.
+
+    Its own updates skip Kafka, so without that order an older update from the same source would
+    arrive after a newer one and be skipped as already applied.
+    """
+    group, url = f"fw-move-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 5)
+    holder = _Holder(dataset, group)
+    workers: list[subprocess.Popen] = []
+    try:
+        # Small batches: most of the sources are still to read once the holder has left.
+        workers = [_start(dataset, group, url, "--batch-size", "10")]
+        _wait_written(group, url)
+    finally:
+        holder.leave()  # the worker gains the partitions where its updates wait for the holder
     try:
         _wait_done(dataset, group, workers)
     finally:
