@@ -133,7 +133,9 @@ def _produce_live(bootstrap: str, topic: str, rate: float, seconds: float) -> No
                 out.add(topic, tx.card_id.encode(), encode_transaction(tx), now_ms)
                 sent += 1
             await out.send_open()
-            await asyncio.sleep(0.001)
+            # Sent every 5 ms, as a producer with Kafka's default linger.ms of 5 does: a request
+            # per partition each millisecond took this box's second core from the worker.
+            await asyncio.sleep(0.005)
         await out.flush()
         await kafka.stop()
 
@@ -161,7 +163,9 @@ def freshness(settings: Settings, rate: float, seconds: float) -> tuple[float, f
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.ensure_future(worker.run(stop))
-        await asyncio.sleep(5.0)  # join the group before the clock starts
+        while not worker.ready:  # the group joined (Tansu answers a join after ~5 s)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
         samples.clear()
         proc = multiprocessing.Process(
             target=_produce_live, args=(bootstrap, run.topic_transactions, rate, seconds)

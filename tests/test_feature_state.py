@@ -146,6 +146,26 @@ def test_stored_distinct_values_read_like_the_dicts_they_were():
     assert {v[builder.names.index("merchant_new_for_card")] for v in want} == {0.0, 1.0}
 
 
+def test_values_out_of_every_window_are_dropped_an_eighth_of_the_window_late():
+    fs = FeatureSet("t", (Feature("cards_1h", "device", "distinct", 3600, "card_id"),))
+    layout = layouts(fs)["device"]
+    s = layout.new()
+    minute = 60_000
+    for i in range(40):  # a card each 10 s, then one an hour after the first
+        layout.apply(s, "transactions", T0 + i * 10_000, (f"c{i}",), "t0", i)
+    at = T0 + 62 * minute
+    layout.apply(s, "transactions", at, ("late",), "t0", 40)
+    kept = layout.decode(layout.encode(s), writable=True)
+    assert len(kept.distinct[0]) == 41  # none is an eighth of a window past the window yet
+    assert layout.read(kept, at) == layout.read(s, at)
+    later = at + 15 * minute  # now every card is: they go, their count was 0 already
+    layout.apply(kept, "transactions", later, ("later",), "t0", 41)
+    assert layout.read(kept, later) == [2.0]
+    pruned = layout.decode(layout.encode(kept), writable=True)
+    assert set(pruned.distinct[0]) == {"late", "later"}
+    assert layout.read(pruned, later) == [2.0]
+
+
 def test_a_window_decays_without_new_events():
     fs = FeatureSet(
         "t", (Feature("n_1h", "card", "count", 3600), Feature("s_1h", "card", "sum", 3600, "amount"))

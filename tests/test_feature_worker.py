@@ -215,8 +215,14 @@ def _wait_done(ds: Dataset, group: str, workers: list[subprocess.Popen], timeout
 def _stop(workers: list[subprocess.Popen]) -> None:
     for w in workers:
         w.send_signal(signal.SIGTERM)
-    for w in workers:
-        assert w.wait(20) == 0, w.stderr.read()[-3000:]
+    try:
+        for w in workers:
+            assert w.wait(20) == 0, w.stderr.read()[-3000:]
+    finally:
+        for w in workers:  # a worker that hangs must not outlive the test
+            if w.poll() is None:
+                w.kill()
+                w.wait()
 
 
 def _snapshot(ds: Dataset, url: str) -> dict[tuple[str, str, int], list[float]]:

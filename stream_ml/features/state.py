@@ -543,11 +543,19 @@ class Layout:
         return blobs
 
     def _prune(self, state: EntityState) -> None:
-        """Drop distinct values out of every window, once there are some (stale values cost only bytes)."""
+        """Drop distinct values out of every window, once there are some (stale values cost only bytes).
+
+        They are dropped an eighth of the window late: a busy entity's set is rebuilt about eight
+        times a window, not at every write (it was a fifth of the worker's time at 5,000 events/s).
+        """
         for d in self._distinct:
             seen = state.distinct[d.index]
             if len(seen) > _PRUNE_ABOVE:
-                oldest = max(seen.values()) - d.window_ms  # older is outside every window of the field
+                times = seen.values()
+                newest = max(times)
+                if len(seen) <= DISTINCT_CAP and min(times) > newest - d.window_ms - d.window_ms // 8:
+                    continue
+                oldest = newest - d.window_ms  # older is outside every window of the field
                 state.distinct[d.index] = seen = {v: ts for v, ts in seen.items() if ts > oldest}
                 if len(seen) > DISTINCT_CAP:
                     state.distinct[d.index] = dict(sorted(seen.items(), key=lambda kv: kv[1])[-DISTINCT_CAP:])

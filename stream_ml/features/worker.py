@@ -158,6 +158,12 @@ class FeatureWorker:
             await self._kafka_out.stop()
             await self._redis.aclose()
 
+    @property
+    def ready(self) -> bool:
+        """Partitions assigned and caught up: what is published now is applied at once."""
+        consumer = getattr(self, "_consumer", None)
+        return bool(consumer and consumer.assignment()) and not self._catching_up
+
     # -- one batch ------------------------------------------------------------------------
 
     async def process(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
