@@ -266,6 +266,12 @@ def _assert_same(snapshot: dict, clean: dict | None) -> None:
         assert values == pytest.approx(clean[key], rel=1e-12, abs=1e-9), key
 
 
+def _assert_like_the_clean_run(ds: Dataset, url: str) -> None:
+    snapshot = _snapshot(ds, url)
+    _assert_matches_oracle(ds, snapshot)
+    _assert_same(snapshot, getattr(ds, "clean", None))
+
+
 def _dead_letters(ds: Dataset) -> list:
     return read_topic(kafka_bootstrap(ds.settings), ds.settings.topic_dead_letter, ds.late, timeout_s=10)
 
@@ -335,9 +341,7 @@ def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
         _wait_done(dataset, group, [worker])
     finally:
         _stop([worker])
-    snapshot = _snapshot(dataset, url)
-    _assert_matches_oracle(dataset, snapshot)
-    _assert_same(snapshot, getattr(dataset, "clean", None))
+    _assert_like_the_clean_run(dataset, url)
 
 
 def test_two_workers_equal_one(dataset: Dataset):
@@ -352,9 +356,7 @@ def test_two_workers_equal_one(dataset: Dataset):
         _wait_done(dataset, group, workers)
     finally:
         _stop(workers)
-    snapshot = _snapshot(dataset, url)
-    _assert_matches_oracle(dataset, snapshot)
-    _assert_same(snapshot, getattr(dataset, "clean", None))
+    _assert_like_the_clean_run(dataset, url)
 
 
 class _Holder:
@@ -411,9 +413,7 @@ def test_updates_waiting_in_a_moved_partition_are_applied_before_newer_ones(data
         _wait_done(dataset, group, workers)
     finally:
         _stop(workers)
-    snapshot = _snapshot(dataset, url)
-    _assert_matches_oracle(dataset, snapshot)
-    _assert_same(snapshot, getattr(dataset, "clean", None))
+    _assert_like_the_clean_run(dataset, url)
 
 
 def test_a_label_without_its_transaction_is_dead_lettered_after_the_wait(topics: Settings):

@@ -409,6 +409,16 @@ def create_app(scorer: Scorer) -> ASGIApp:
                 raise HTTPError(422, f"header X-Deadline-Ms: expected milliseconds, got {asked!r}") from None
         return started + ms / 1000
 
+    def overloaded(exc: Overloaded) -> HTTPError:
+        count(metrics.REJECTED, "overload")
+        return HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"})
+
+    def admit(until: float) -> None:
+        try:
+            scorer.batcher.admit(until)
+        except Overloaded as exc:
+            raise overloaded(exc) from None
+
     async def score_one(fields: Any, until: float, started: float) -> dict[str, Any]:
         if not isinstance(fields, dict):
             raise HTTPError(422, "expected a transaction object")
@@ -419,8 +429,7 @@ def create_app(scorer: Scorer) -> ASGIApp:
         try:
             result = await scorer.batcher.submit(tx, until)
         except Overloaded as exc:
-            count(metrics.REJECTED, "overload")
-            raise HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"}) from None
+            raise overloaded(exc) from None
         except DeadlineExceeded:
             count(metrics.REJECTED, "deadline")
             raise HTTPError(503, "deadline passed before scoring", {"Retry-After": "0.05"}) from None
@@ -434,13 +443,6 @@ def create_app(scorer: Scorer) -> ASGIApp:
             "degraded": result.degraded,
             "latency_ms": round((time.monotonic() - started) * 1000, 3),
         }
-
-    def admit(until: float) -> None:
-        try:
-            scorer.batcher.admit(until)
-        except Overloaded as exc:
-            count(metrics.REJECTED, "overload")
-            raise HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"}) from None
 
     async def score(request: Request) -> Response:
         started = time.monotonic()
