@@ -182,9 +182,10 @@ def test_mlp_reasons_without_autograd_are_autograd_s_bit_for_bit():
     import torch
 
     from stream_ml.features import FRAUD_FEATURES
-    from stream_ml.serving.model import _mlp_logits_and_grad, default_model
+    from stream_ml.serving.model import _MLPGradient, default_model
 
     module = default_model(FRAUD_FEATURES, seed=3).module
+    gradient = _MLPGradient(module)
     rng = np.random.default_rng(0)
     threads = torch.get_num_threads()
     try:
@@ -195,11 +196,13 @@ def test_mlp_reasons_without_autograd_are_autograd_s_bit_for_bit():
                     x = torch.from_numpy(
                         (rng.standard_normal((n, module.n_inputs)) * scale).astype(np.float32)
                     )
-                    logits, grad = _mlp_logits_and_grad(module, x)
+                    with torch.inference_mode():
+                        logits, grad, centred = gradient(x)
                     xg = x.clone().requires_grad_(True)
                     expected = module(xg)
                     (expected_grad,) = torch.autograd.grad(expected.sum(), xg)
                     assert torch.equal(logits, expected.detach()), (n, scale)
                     assert torch.equal(grad, expected_grad), (n, scale)
+                    assert torch.equal(centred, x - module.mean)
     finally:
         torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ card, merchant and device; it expires after the label horizon.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import hiredis
 import msgpack
@@ -67,17 +67,33 @@ class FeatureStore:
 
         ``writable``: states to change (distinct values as dicts); otherwise to read.
         """
-        keys = list(keys)
-        if not keys:
-            return {}
-        blobs = await self._call("MGET", *[self.key(e, i) for e, i in keys])
-        states: dict[EntityKey, EntityState | None] = dict.fromkeys(keys)
-        for entity, layout in self.layouts.items():
-            found = [(k, b) for k, b in zip(keys, blobs, strict=True) if b is not None and k[0] == entity]
-            if found:
-                decoded = layout.decode_many([b for _, b in found], writable)
-                states.update(zip([k for k, _ in found], decoded, strict=True))
-        return states
+        ids: dict[str, list[str]] = {}
+        for entity, entity_id in keys:
+            ids.setdefault(entity, []).append(entity_id)
+        columns = await self.load_columns(ids, writable)
+        return {(e, i): s for e, column in ids.items() for i, s in zip(column, columns[e], strict=True)}
+
+    async def load_columns(
+        self, ids: Mapping[str, Sequence[str | None]], writable: bool = False
+    ) -> dict[str, list[EntityState | None]]:
+        """Per entity type, the state of each of ``ids[entity]``, in order: one MGET for all.
+
+        None where an id is None or its entity has no state yet. An id listed many times (a busy
+        merchant in a batch) is fetched and decoded once.
+        """
+        wanted = {e: list(dict.fromkeys(i for i in column if i is not None)) for e, column in ids.items()}
+        keys = [self.key(entity, i) for entity, unique in wanted.items() for i in unique]
+        blobs: list = await self._call("MGET", *keys) if keys else []  # type: ignore[assignment]
+        columns: dict[str, list[EntityState | None]] = {}
+        at = 0
+        for entity, unique in wanted.items():
+            mine = blobs[at : at + len(unique)]
+            at += len(unique)
+            found = [(i, b) for i, b in zip(unique, mine, strict=True) if b is not None]
+            decoded = self.layouts[entity].decode_many([b for _, b in found], writable)
+            by_id = dict(zip([i for i, _ in found], decoded, strict=True))
+            columns[entity] = [by_id.get(i) for i in ids[entity]]  # type: ignore[arg-type]
+        return columns
 
     def prepare(
         self,

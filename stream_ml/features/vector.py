@@ -46,6 +46,10 @@ class VectorBuilder:
         """The ids of the entities whose state a vector for ``tx`` reads."""
         return {entity: getattr(tx, ENTITIES[entity]) for entity in self.layouts}
 
+    def entity_columns(self, txs: Sequence[Transaction]) -> dict[str, list[str | None]]:
+        """:meth:`entity_ids` of a batch, by entity type: what :meth:`build_columns` reads."""
+        return {entity: [getattr(tx, ENTITIES[entity]) for tx in txs] for entity in self.layouts}
+
     def build(self, states: Mapping[str, EntityState | None], tx: Transaction, as_of_ms: int) -> list[float]:
         """The input vector for ``tx`` from each entity's state (``states[entity]``) as of ``as_of_ms``.
 
@@ -70,16 +74,29 @@ class VectorBuilder:
         as_of: Sequence[int],
     ) -> np.ndarray:
         """:meth:`build_many` as a float64 array: each feature is computed for the whole batch at once."""
+        return self.build_columns({e: [s.get(e) for s in states] for e in self.layouts}, txs, as_of)
+
+    def build_columns(
+        self,
+        states: Mapping[str, Sequence[EntityState | None]],
+        txs: Sequence[Transaction],
+        as_of: Sequence[int],
+    ) -> np.ndarray:
+        """:meth:`build_array` from the states by entity type: ``states[entity][row]`` is row's state.
+
+        An entity type missing from ``states`` reads as no state for every row (a degraded score).
+        """
         out = np.empty((len(txs), len(self.names)), dtype=np.float64)
         if not txs:
             return out
+        none = [None] * len(txs)
         for entity, layout in self.layouts.items():
-            out[:, self.columns[entity]] = layout.read_array([s.get(entity) for s in states], as_of)
+            out[:, self.columns[entity]] = layout.read_array(states.get(entity, none), as_of)
         last_seen = {
             name: np.array(
                 [
-                    layout.last_seen(s.get(layout.entity), feature, getattr(tx, field))
-                    for s, tx in zip(states, txs, strict=True)
+                    layout.last_seen(s, feature, getattr(tx, field))
+                    for s, tx in zip(states.get(layout.entity, none), txs, strict=True)
                 ],
                 dtype=np.int64,
             )

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -272,12 +273,11 @@ class Scorer:
 
     async def _score_batch(self, txs: list[Transaction]) -> list[Scored]:
         model = self.model  # the whole batch uses this one, even if a swap happens meanwhile
-        ids = [self.builder.entity_ids(tx) for tx in txs]
-        keys = {(e, i) for entity_ids in ids for e, i in entity_ids.items() if i is not None}
         started = time.perf_counter()
         degraded = False
         try:
-            loaded = await asyncio.wait_for(self.store.load(keys), self.options.redis_timeout_ms / 1000)
+            async with asyncio.timeout(self.options.redis_timeout_ms / 1000):
+                loaded = await self.store.load_columns(self.builder.entity_columns(txs))
         except (TimeoutError, redis.exceptions.RedisError, OSError):
             if not self.options.degraded_ok:
                 raise HTTPError(
@@ -286,11 +286,7 @@ class Scorer:
             loaded, degraded = {}, True
             metrics.DEGRADED.inc(len(txs))
         metrics.FEATURE_SECONDS.observe(time.perf_counter() - started)
-        inputs = self.builder.build_array(
-            [{e: loaded.get((e, i)) for e, i in entity_ids.items() if i is not None} for entity_ids in ids],
-            txs,
-            [tx.event_time for tx in txs],
-        )
+        inputs = self.builder.build_columns(loaded, txs, [tx.event_time for tx in txs])
         vectors = inputs.tolist()  # what build_many returns: the answers' reasons and the log use lists
         started = time.perf_counter()
         scores, reasons = model.score(vectors, inputs)
@@ -356,12 +352,10 @@ def create_app(scorer: Scorer) -> ASGIApp:
 
     keys = [k.encode() for k in options.api_keys]
 
-    def authenticate(request: Request) -> str:
+    def authenticate(headers: Headers) -> str:
         if not options.auth:
             return "anonymous"
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
-            "Bearer "
-        )
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
         # compare with every key, always: the time taken tells nothing about which matched
         matched = [hmac.compare_digest(given.encode(), k) for k in keys]
         if not given or not any(matched):
@@ -372,26 +366,31 @@ def create_app(scorer: Scorer) -> ASGIApp:
             )
         return given
 
-    async def read_body(request: Request) -> Any:
-        declared = request.headers.get("content-length")
+    async def read_body(headers: Headers, receive: Receive) -> Any:
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
             raise HTTPError(413, f"body of {declared} bytes is over the limit of {options.max_body_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
             if len(body) > options.max_body_bytes:
                 raise HTTPError(413, f"body is over the limit of {options.max_body_bytes} bytes")
-        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        kind = headers.get("content-type", "").split(";")[0].strip()
         msgpack_body = kind in ("application/msgpack", "application/x-msgpack")
         try:
             # Anything but msgpack is read as JSON: `curl -d` sends JSON labelled as a form.
-            return msgpack.unpackb(bytes(body), raw=False) if msgpack_body else json.loads(body)
+            return msgpack.unpackb(body, raw=False) if msgpack_body else json.loads(body)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             what = "msgpack" if msgpack_body else "JSON (or send Content-Type: application/msgpack)"
             raise HTTPError(400, f"body is not valid {what}: {exc}") from None
 
-    def check(request: Request) -> None:
-        key = authenticate(request)
+    def check(headers: Headers) -> None:
+        key = authenticate(headers)
         wait = limiter.allow(key)
         if wait:
             count(metrics.REJECTED, "rate_limit")
@@ -399,8 +398,8 @@ def create_app(scorer: Scorer) -> ASGIApp:
                 429, "rate limit of this API key reached", {"Retry-After": f"{max(wait, 0.001):.3f}"}
             )
 
-    def deadline(request: Request, started: float) -> float:
-        asked = request.headers.get("x-deadline-ms")
+    def deadline(headers: Headers, started: float) -> float:
+        asked = headers.get("x-deadline-ms")
         ms = options.deadline_ms
         if asked:
             try:
@@ -444,37 +443,51 @@ def create_app(scorer: Scorer) -> ASGIApp:
             "latency_ms": round((time.monotonic() - started) * 1000, 3),
         }
 
-    async def score(request: Request) -> Response:
+    async def score(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /score`` as a bare ASGI app: the hot path, without Starlette's per-call layers.
+
+        Under overload most calls are refused, so a refusal's cost decides whether the loop keeps
+        up: the capacity check comes first, before the key, the body and its JSON.
+        """
         started = time.monotonic()
+        headers = Headers(scope=scope)
         try:
-            check(request)
-            until = deadline(request, started)
-            admit(until)
-            body = await read_body(request)
+            default = started + options.deadline_ms / 1000
+            admit(default)
+            check(headers)
+            until = deadline(headers, started)
+            if until < default:
+                admit(until)
+            body = await read_body(headers, receive)
             answer = await score_one(body, until, started)
         except HTTPError as exc:
             count(metrics.RESPONSES, "score", str(exc.status))
-            return _error(exc)
+            await _send_json(send, exc.status, {"error": str(exc)}, exc.headers)
+            return
+        except _Disconnected:
+            return
         metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
         count(metrics.RESPONSES, "score", "200")
-        return _JSONResponse(answer)
+        await _send_json(send, 200, answer)
 
     async def score_batch(request: Request) -> Response:
         started = time.monotonic()
         try:
-            check(request)
-            body = await read_body(request)
+            check(request.headers)
+            body = await read_body(request.headers, request.receive)
             if not isinstance(body, list) or not body or len(body) > options.max_transactions_per_call:
                 raise HTTPError(
                     422, f"expected a list of 1 to {options.max_transactions_per_call} transactions"
                 )
-            until = deadline(request, started)
+            until = deadline(request.headers, started)
             answers = await asyncio.gather(
                 *(score_one(f, until, started) for f in body), return_exceptions=True
             )
         except HTTPError as exc:
             count(metrics.RESPONSES, "score_batch", str(exc.status))
             return _error(exc)
+        except _Disconnected:
+            return Response(status_code=499)  # nobody reads it: the caller has gone
         results = [
             a if not isinstance(a, HTTPError) else {"error": str(a), "status": a.status} for a in answers
         ]
@@ -507,7 +520,6 @@ def create_app(scorer: Scorer) -> ASGIApp:
 
     app = Starlette(
         routes=[
-            Route("/score", score, methods=["POST"]),
             Route("/score/batch", score_batch, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -516,40 +528,31 @@ def create_app(scorer: Scorer) -> ASGIApp:
         ],
         lifespan=lambda app: _lifespan(scorer),
     )
-    return _ShedFirst(app, scorer)
 
-
-class _ShedFirst:
-    """Refuse ``POST /score`` with 503 before any other work while the scorer is over capacity.
-
-    Under overload most calls are refused, so a refusal's cost decides whether the loop keeps up:
-    answered here, one costs the HTTP parse and two sends, not Starlette's middleware, routing,
-    the body and its JSON. The default deadline is used: a call asking for less is refused by the
-    same check again once its header is read.
-    """
-
-    _BODY = b'{"error":"overloaded: the deadline cannot be met at the current load"}'
-
-    def __init__(self, app: Starlette, scorer: Scorer) -> None:
-        self.app = app
-        self.scorer = scorer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def scorer_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/score":
-            try:
-                self.scorer.batcher.admit(time.monotonic() + self.scorer.options.deadline_ms / 1000)
-            except Overloaded as exc:
-                metrics.REJECTED.labels("overload").inc()
-                metrics.RESPONSES.labels("score", "503").inc()
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(self._BODY)).encode()),
-                    (b"retry-after", f"{exc.retry_after_s:.3f}".encode()),
-                ]
-                await send({"type": "http.response.start", "status": 503, "headers": headers})
-                await send({"type": "http.response.body", "body": self._BODY})
-                return
-        await self.app(scope, receive, send)
+            if scope["method"] == "POST":
+                await score(scope, receive, send)
+            else:
+                await _send_json(send, 405, {"error": "use POST /score"}, {"Allow": "POST"})
+        else:
+            await app(scope, receive, send)
+
+    return scorer_app
+
+
+class _Disconnected(Exception):
+    """The caller went away before its body arrived: there is nobody to answer."""
+
+
+async def _send_json(send: Send, status: int, content: Any, headers: dict[str, str] | None = None) -> None:
+    """What ``_JSONResponse(content, status, headers)`` sends, without building a Response."""
+    body = _encode_json(content).encode("utf-8")
+    raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    if headers:
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.asynccontextmanager
