@@ -313,16 +313,28 @@ def main() -> None:
 def _rates_table(
     port: int, rates: list[float], seconds: float, score: list[bytes], noop: list[bytes]
 ) -> None:
-    print("| rate (calls/s) | /score p50 | /score p99 | errors | no-op p50 | no-op p99 |")
-    print("|---|---|---|---|---|---|")
+    print("| rate (calls/s) | /score p50 | /score p99 | errors | mean batch | no-op p50 | no-op p99 |")
+    print("|---|---|---|---|---|---|---|")
     for rate in rates:
+        before = _batches(port)
         run = measure(port, rate, seconds, score)
+        batches, calls = (after - first for after, first in zip(_batches(port), before, strict=True))
         base = measure(port, rate, seconds, noop)
         print(
             f"| {rate:,.0f} | {_ms(run, 0.5)} | {_ms(run, 0.99)} | {run.errors()} | "
-            f"{_ms(base, 0.5)} | {_ms(base, 0.99)} |",
+            f"{calls / max(batches, 1):.1f} | {_ms(base, 0.5)} | {_ms(base, 0.99)} |",
             flush=True,
         )
+
+
+def _batches(port: int) -> tuple[float, float]:
+    """The scorer's model batches so far, and the calls they held (from its /metrics)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    name = "stream_ml_score_batch_size_requests"
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(name + "_"))
+    return float(values[name + "_count"]), float(values[name + "_sum"])
 
 
 def _report(

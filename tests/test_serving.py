@@ -298,6 +298,8 @@ def test_openapi_and_health(server: Server):
     status, doc, _ = server.get("/openapi.json")
     assert status == 200 and "/score" in doc["paths"] and doc["components"]["securitySchemes"]
     assert server.get("/healthz")[0] == 200
+    status, answer, headers = server.get("/score")  # the bare ASGI route answers other methods too
+    assert (status, headers["allow"]) == (405, "POST") and "POST" in answer["error"]
 
 
 def test_rate_limit_answers_429_with_retry_after(store_url: str):
