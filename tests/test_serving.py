@@ -440,7 +440,7 @@ def test_produce_through_the_scorer_needs_a_key(topics: Settings):
 def test_answers_are_encoded_as_starlette_encodes_them():
     from starlette.responses import JSONResponse
 
-    from stream_ml.serving.app import _JSONResponse
+    from stream_ml.serving.app import _JSONResponse, _send_json
 
     answer = {
         "event_id": "é-1",
@@ -457,6 +457,16 @@ def test_answers_are_encoded_as_starlette_encodes_them():
     )
     with pytest.raises(ValueError):
         _JSONResponse({"score": float("nan")})
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(_send_json(send, 503, answer, {"Retry-After": "1"}))  # /score's bare ASGI answers
+    response = _JSONResponse(answer, status_code=503, headers={"Retry-After": "1"})
+    assert sent[0]["status"] == 503 and sorted(sent[0]["headers"]) == sorted(response.raw_headers)
+    assert sent[1]["body"] == response.body
 
 
 def test_scoring_from_the_built_array_is_scoring_from_the_vectors():
