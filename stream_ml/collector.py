@@ -26,3 +26,31 @@ def paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+class Freezer:
+    """Moves a growing cache out of the collector's reach with ``gc.freeze()``, a quarter at a time.
+
+    Every full collection scans every tracked object: a feature worker's cache of some 100k
+    entity states made each one take 40-70 ms, the tail of its freshness. Frozen objects are never
+    scanned again and are still freed by their reference counts. Freezing also pins whatever else
+    lives at that moment; so it runs only when the cache has grown by a quarter (a few dozen times
+    up to a million entries), and cyclic garbage pinned with it stays bounded.
+
+    >>> freezer = Freezer(floor=100)
+    >>> freezer.grown_to(50), freezer.grown_to(100), freezer.grown_to(110), freezer.grown_to(125)
+    (False, True, False, True)
+    """
+
+    def __init__(self, floor: int = 10_000) -> None:
+        self.floor = floor
+        self._next = floor
+
+    def grown_to(self, size: int) -> bool:
+        """Note the cache's size; True if it has grown enough to be frozen now (and was)."""
+        if size < self._next:
+            self._next = min(self._next, max(self.floor, size + size // 4))  # emptied: start again
+            return False
+        gc.freeze()
+        self._next = max(self.floor, size + size // 4)
+        return True

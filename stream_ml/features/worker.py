@@ -20,17 +20,20 @@ consumes no source until it has applied its entity partitions up to their end of
 assignment (what the previous owners published), and from then on an owned partition receives
 this worker's updates only directly.
 
-Offsets are committed after both. Each state remembers the last offset it applied per source
-partition, so a batch replayed after a crash (even one written half-way) changes nothing twice.
+Offsets are committed after both, every ``COMMIT_INTERVAL_S`` (as Kafka Streams does), in the
+background: a commit per batch was a third of the broker's work and held up the next write. Each
+state remembers the last offset it applied per source partition, so a batch replayed after a
+crash (even one written half-way, or written but not yet committed) changes nothing twice.
 Updates travel many to a Kafka record (one record per entity partition and batch): the Kafka
-cost per event stays a few microseconds. A batch is written and committed while the next one is
-computed, never more than one in flight. If Redis or the broker fails, the worker stops with the
+cost per event stays a few microseconds. A batch is written while the next one is computed,
+never more than one in flight. If Redis or the broker fails, the worker stops with the
 error (Redis: after a 10 s socket timeout); restarted, it resumes from its last commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import defaultdict, deque
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 SOURCE_CODES = {"transactions": 0, "labels": 1}
 SOURCE_NAMES = {v: k for k, v in SOURCE_CODES.items()}
 UPDATES_PER_RECORD = 2000
+COMMIT_INTERVAL_S = 0.1  # at most this much is consumed again after a crash
 _NO_WATERMARK = -(1 << 62)
 
 # (entity id, source code, source partition tag, source offset, event time, *field values)
@@ -102,7 +106,11 @@ class FeatureWorker:
         # they need no read from Redis until the partition moves (then they are dropped).
         self._owned: dict[TopicPartition, dict[str, EntityState]] = {}
         self._cached = 0
-        self._writing: asyncio.Future | None = None  # the write and commit of the last batch
+        self._freezer = collector.Freezer()  # the cached states, out of the full collections' scans
+        self._writing: asyncio.Future | None = None  # the write of the last batch
+        self._committing: asyncio.Future | None = None
+        self._uncommitted: dict[TopicPartition, int] = {}  # written, to commit
+        self._commit_due = 0.0
         self._partition_of_id: dict[str, dict[str, int]] = {}  # entity topic -> entity id -> partition
         # After a rebalance: the entity partitions' end offsets to reach before sources are read.
         self._catching_up: dict[TopicPartition, int] = {}
@@ -134,26 +142,34 @@ class FeatureWorker:
         )
         self._consumer.subscribe(topics, listener=_Rebalance(self))
         await self._consumer.start()
+        # What start-up made (modules, clients) lives as long as the process: out of the full
+        # collections' scans from now on, as the cached states will be.
+        gc.collect()
+        gc.freeze()
         try:
             while not stop.is_set():
-                if self._writing is not None and self._writing.done():
-                    self._writing.result()  # a failed write stops the worker: a restart redoes it
+                for task in (self._writing, self._committing):
+                    if task is not None and task.done():
+                        task.result()  # a failed write or commit stops the worker: a restart redoes it
                 fetched = await fetch_or_stop(self._consumer, stop, self.options.max_records)
                 if fetched is None:
                     break
                 with collector.paused():
                     finish = await self._compute(fetched)
-                # One batch is written and committed while the next is computed: never more, so
+                # One batch is written while the next is computed: never more, so
                 # a slow Redis or broker slows the consumption instead of piling batches up.
-                await self.flushed()
+                if self._writing is not None:
+                    await self._writing
                 self._writing = asyncio.ensure_future(finish)
             await self.flushed()
         finally:
-            if self._writing is not None:
-                if self._writing.done():
-                    self._writing.exception()  # already raised or reported: mark it retrieved
+            for task in (self._writing, self._committing):
+                if task is None:
+                    continue
+                if task.done():
+                    task.exception()  # already raised or reported: mark it retrieved
                 else:
-                    self._writing.cancel()
+                    task.cancel()
             await self._consumer.stop()
             await self._kafka_out.stop()
             await self._redis.aclose()
@@ -175,6 +191,25 @@ class FeatureWorker:
         """Wait until every computed batch is written and committed."""
         if self._writing is not None:
             await self._writing
+        if self._committing is not None:
+            await self._committing
+        if self._uncommitted:
+            await self._commit()
+
+    def _commit_soon(self) -> None:
+        """Commit what is written, in the background, once the interval is up.
+
+        An idle worker still finishes an empty batch after each fetch's timeout (100 ms), so
+        its last offsets are committed then.
+        """
+        idle = self._committing is None or self._committing.done()
+        if self._uncommitted and idle and time.monotonic() >= self._commit_due:
+            self._committing = asyncio.ensure_future(self._commit())
+
+    async def _commit(self) -> None:
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._commit_due = time.monotonic() + COMMIT_INTERVAL_S
+        await self._consumer.commit(offsets)
 
     async def _compute(
         self, fetched: dict[TopicPartition, list[ConsumerRecord]]
@@ -230,7 +265,7 @@ class FeatureWorker:
         n: int,
         fetched: dict[TopicPartition, list[ConsumerRecord]],
     ) -> None:
-        """Write and commit one batch, strictly after the batch before it."""
+        """Write one batch, strictly after the batch before it, and commit it soon."""
         if previous is not None:
             await previous
         # The routed updates and dead letters are acknowledged before the commit, so a crash
@@ -241,8 +276,8 @@ class FeatureWorker:
         metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - started)
         if times:
             self._observe_freshness(times)
-        if commit:
-            await self._consumer.commit(commit)
+        self._uncommitted.update(commit)
+        self._commit_soon()
         self.processed += n
         observe_lag(self._consumer, fetched, metrics.CONSUMER_LAG_EVENTS)
 
@@ -413,6 +448,7 @@ class FeatureWorker:
             for owned in self._owned.values():
                 owned.clear()  # rare: reloaded from the store on next sight
             self._cached = 0
+        self._freezer.grown_to(self._cached)
         return changed, times
 
     def _observe_freshness(self, times: list[int]) -> None:
