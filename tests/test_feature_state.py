@@ -245,3 +245,31 @@ def test_applying_a_batch_of_columns_equals_applying_events_one_by_one(seed):
             )
             layout.fill_numeric(got, layout.window_stats(tiles[row : row + 1], np.array([t])))
             np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_a_state_stored_and_reloaded_at_every_write_reads_like_one_never_stored():
+    """The worker's path: large sets become WritableValues at a write and are changed as such."""
+    fs = FeatureSet(
+        "t",
+        (
+            Feature("cards_1h", "device", "distinct", 3600, "card_id"),
+            Feature("cards_24h", "device", "distinct", 86400, "card_id"),
+            Feature("n_1h", "device", "count", 3600),
+        ),
+    )
+    layout = layouts(fs)["device"]
+    rng = random.Random(11)
+    kept, stored = layout.new(), layout.new()
+    t = T0
+    for i in range(3000):
+        t += rng.randrange(1, 120_000)  # a busy terminal: hundreds of cards a day
+        ts = t - rng.randrange(0, 600_000)  # some out of order
+        card = (f"c{rng.randrange(900)}",)
+        layout.apply(kept, "transactions", ts, card, "t0", i)
+        layout.apply(stored, "transactions", ts, card, "t0", i)
+        stored = layout.decode(layout.encode(stored), writable=True)
+        if i % 97 == 0:
+            at = t + rng.randrange(0, 2 * 3_600_000)
+            assert layout.read(stored, at) == layout.read(kept, at)
+    assert any(type(d) is WritableValues for d in stored.distinct)
+    assert len(stored.distinct[0]) < len(kept.distinct[0])  # pruned, same counts all along
