@@ -19,7 +19,7 @@ import pytest
 from stream_ml.events import Label, Transaction
 from stream_ml.features import FRAUD_FEATURES
 from stream_ml.features.definitions import ENTITIES
-from stream_ml.features.state import EntityState, copy_state
+from stream_ml.features.state import DISTINCT_CAP, EntityState, copy_state
 from stream_ml.features.vector import VectorBuilder
 from stream_ml.training.pointintime import PointInTime
 
@@ -179,3 +179,25 @@ def test_distinct_counts_in_small_blocks_of_pairs_give_the_same_vectors(monkeypa
     chunk = pit.release(final=True)
     assert chunk.event_ids == want_ids
     np.testing.assert_allclose(chunk.features, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_distinct_counts_saturate_at_the_cap_in_every_path():
+    """A shop terminal with more cards in a day than a stored set keeps: every path stops at the cap."""
+    txs = [
+        Transaction(f"e{i}", T0 + i * 30_000, f"c{i}", "m1", 1.0, "EUR", "FR", "pos", "t1")
+        for i in range(DISTINCT_CAP + 300)
+    ]
+    stream: list[tuple[str, Transaction | Label]] = [("transactions:0", tx) for tx in txs]
+    _, want, _, states = _reference(stream, T0)
+    pit = PointInTime(FRAUD_FEATURES, TAGS, rows_from=T0, chunk_size=500)
+    for offset, (tag, tx) in enumerate(stream):
+        pit.add_transaction(tx, tag, offset)  # type: ignore[arg-type]
+    got = pit.release(final=True).features
+    column = FRAUD_FEATURES.names.index("device_cards_24h")
+    assert want[-1, column] == DISTINCT_CAP and want[DISTINCT_CAP - 1, column] == DISTINCT_CAP - 1
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+    layout = VectorBuilder(FRAUD_FEATURES).layouts["device"]
+    stored = layout.decode(layout.encode(states["device"]["t1"]))  # pruned to the newest values
+    assert len(stored.distinct[0]) == DISTINCT_CAP
+    end = txs[-1].event_time
+    assert layout.read(stored, end) == layout.read(states["device"]["t1"], end)

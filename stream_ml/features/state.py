@@ -555,7 +555,7 @@ class Layout:
         inside = in_window(last_seen[:, None], t[owner][:, None], tile_ms[None, :])
         cells = (owner[:, None] * len(columns) + np.arange(len(columns)))[inside]
         counts = np.bincount(cells, minlength=len(t) * len(columns)).reshape(len(t), len(columns))
-        return columns, counts.astype(np.float64)
+        return columns, saturated(counts.astype(np.float64))
 
     def since_last(self, column: int, last: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The since-last feature of ``column`` from each row's latest event time (-1: none)."""
@@ -685,6 +685,15 @@ class Layout:
                 distinct = [WritableValues(d) if type(d) is StoredValues else d for d in distinct]
             states.append(EntityState(array("d", data[i * size : (i + 1) * size]), distinct, f[4], f[5]))
         return states
+
+
+def saturated(counts: np.ndarray) -> np.ndarray:
+    """Distinct counts as every path reports them: at most ``DISTINCT_CAP``.
+
+    A stored set keeps its newest ``DISTINCT_CAP`` values, so the store can count no further;
+    replay, which keeps every value, and a state not stored yet say the same.
+    """
+    return np.minimum(counts, DISTINCT_CAP)
 
 
 def in_window(times: Any, t: Any, tile_ms: int) -> Any:

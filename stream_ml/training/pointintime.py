@@ -50,7 +50,7 @@ import numpy as np
 from stream_ml.events.label import Label
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import ENTITIES, SOURCES, TILES, Feature, FeatureSet
-from stream_ml.features.state import NEVER, EntityState, WindowStats, in_window
+from stream_ml.features.state import NEVER, EntityState, WindowStats, in_window, saturated
 from stream_ml.features.table import StateTable, pair_key
 from stream_ml.features.vector import VectorBuilder
 
@@ -468,7 +468,7 @@ class _EntityReads:
                 owner, last_seen = distinct.of_rows(self.r)
                 columns, counts = layout.distinct_counts(index, owner, last_seen, self.t)
                 for k, column in enumerate(columns.tolist()):
-                    mine[:, column] = counts[:, k] + self._new_distinct(index, reads[column])
+                    mine[:, column] = saturated(counts[:, k] + self._new_distinct(index, reads[column]))
         for column, source, index in layout.since_last_reads():
             last = self._previous_time(SOURCES.index(source), table.last[self.r, index])
             mine[:, column] = layout.since_last(column, last, self.t)
