@@ -11,7 +11,7 @@ from feature_oracle import Oracle
 from stream_ml.events import Label, Transaction
 from stream_ml.features import FRAUD_FEATURES
 from stream_ml.features.definitions import Feature, FeatureSet, RequestFeature
-from stream_ml.features.state import StoredValues, WritableValues, layouts
+from stream_ml.features.state import DISTINCT_CAP, StoredValues, WritableValues, layouts
 from stream_ml.features.vector import VectorBuilder
 
 T0 = 1_780_000_000_000
@@ -273,3 +273,18 @@ def test_a_state_stored_and_reloaded_at_every_write_reads_like_one_never_stored(
             assert layout.read(stored, at) == layout.read(kept, at)
     assert any(type(d) is WritableValues for d in stored.distinct)
     assert len(stored.distinct[0]) < len(kept.distinct[0])  # pruned, same counts all along
+
+
+def test_a_set_over_the_cap_is_cut_back_to_its_newest_values_an_eighth_later():
+    fs = FeatureSet("t", (Feature("cards_24h", "device", "distinct", 86400, "card_id"),))
+    layout = layouts(fs)["device"]
+    s = layout.new()
+    for i in range(DISTINCT_CAP + 200):
+        layout.apply(s, "transactions", T0 + i * 1000, (f"c{i}",), "t0", i)
+        if i == DISTINCT_CAP + 99:
+            s = layout.decode(layout.encode(s), writable=True)
+            assert len(s.distinct[0]) == DISTINCT_CAP + 100  # not cut (a sort) at every new value
+            assert layout.read(s, T0 + i * 1000) == [float(DISTINCT_CAP)]  # counts saturate
+    s = layout.decode(layout.encode(s), writable=True)
+    assert set(s.distinct[0]) == {f"c{i}" for i in range(200, DISTINCT_CAP + 200)}  # the newest kept
+    assert layout.read(s, T0 + (DISTINCT_CAP + 200) * 1000) == [float(DISTINCT_CAP)]

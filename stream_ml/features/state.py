@@ -36,6 +36,9 @@ from stream_ml.features.definitions import TILES, Feature, FeatureSet
 SLOT = 5  # tile index, count, sum, min, max
 STATE_FORMAT = 6
 DISTINCT_CAP = 1024  # distinct counts saturate here: the state of a busy entity stays small
+# A set over the cap is cut back to its newest DISTINCT_CAP values once it is this large, not at
+# every new value (a sort of the set each time); counts read the same, as they saturate.
+_TRIM_ABOVE = DISTINCT_CAP + DISTINCT_CAP // 8
 _PRUNE_ABOVE = 16
 # An update, as the worker carries it: [entity id, source code, source partition ("transactions:3"),
 # offset, event time, *values in the order of Layout.fields[source]]: the values start at this index.
@@ -117,7 +120,7 @@ class StoredValues(Mapping[str, int]):
 
 
 class WritableValues(MutableMapping[str, int]):
-    """A large set of distinct values to change, kept in the form it is stored in (StoredValues').
+    """A large set of distinct values to change, kept in the form :class:`StoredValues` reads.
 
     A busy merchant's or device's set is written at every batch that sees it; rebuilding the
     stored form from a dict each time (a join of hundreds of strings) and finding its oldest value
@@ -201,7 +204,7 @@ def _stored_form(values: Mapping[str, int]) -> dict[str, int] | list[bytes]:
 
 
 def _times_of(values: Mapping[str, int]) -> bytes:
-    """The last-seen times of distinct ``values`` (a dict or :class:`StoredValues`) as int64 bytes."""
+    """The last-seen times of distinct ``values`` (any of their three forms) as int64 bytes."""
     if type(values) is StoredValues or type(values) is WritableValues:
         return values.times
     return array("q", values.values()).tobytes()
@@ -635,12 +638,12 @@ class Layout:
             late = d.window_ms + d.window_ms // 8
             if type(seen) is WritableValues:
                 newest = seen.newest
-                kept = seen.oldest_bound() > newest - late or seen.oldest() > newest - late
+                recent = seen.oldest_bound() > newest - late or seen.oldest() > newest - late
             else:
                 times = seen.values()
                 newest = max(times)
-                kept = min(times) > newest - late
-            if not kept or len(seen) > DISTINCT_CAP:
+                recent = min(times) > newest - late
+            if not recent or len(seen) > _TRIM_ABOVE:
                 oldest = newest - d.window_ms  # older is outside every window of the field
                 seen = {v: ts for v, ts in seen.items() if ts > oldest}
                 if len(seen) > DISTINCT_CAP:
