@@ -65,7 +65,7 @@ class FeatureStore:
     ) -> dict[EntityKey, EntityState | None]:
         """The states of ``keys`` in one MGET (None where an entity has none yet).
 
-        ``writable``: states to change (distinct values as dicts); otherwise to read.
+        ``writable``: states to change (see ``Layout.decode_many``); otherwise to read.
         """
         ids: dict[str, list[str]] = {}
         for entity, entity_id in keys:
