@@ -323,6 +323,17 @@ def test_one_worker_matches_the_oracle(dataset: Dataset):
     assert vector["card_tx_count_24h"] == features["card_tx_count_24h"] and vector["channel_ecom"] == 1.0
 
 
+def test_a_worker_whose_cache_is_dropped_at_every_batch_gives_the_same_state(dataset: Dataset):
+    """States dropped from memory are read back from Redis, never before their last write is done."""
+    group, url = f"fw-small-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 6)
+    worker = _start(dataset, group, url, "--max-cached-entities", "20")
+    try:
+        _wait_done(dataset, group, [worker])
+    finally:
+        _stop([worker])
+    _assert_like_the_clean_run(dataset, url)
+
+
 def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):
     group, url = f"fw-kill-{uuid.uuid4().hex[:6]}", _redis_db(dataset.settings, 2)
     rng = random.Random(5)

@@ -50,6 +50,13 @@ def register_worker(topologies: argparse._SubParsersAction) -> None:
         default=defaults.max_records,
         help="most records handled in one batch (one Redis round trip per batch)",
     )
+    features.add_argument(
+        "--max-cached-entities",
+        type=int,
+        default=defaults.max_cached_entities,
+        help="entity states kept in memory (a few KB each) before the cache is dropped and read back "
+        f"from Redis as needed (default {defaults.max_cached_entities:,})",
+    )
     add_arguments(features)
     features.set_defaults(run=_worker_features)
 
@@ -90,6 +97,7 @@ def _worker_features(args: argparse.Namespace, settings: Settings) -> int:
         label_horizon_s=args.label_horizon,
         label_wait_s=args.label_wait,
         max_records=args.batch_size,
+        max_cached_entities=args.max_cached_entities,
     )
     worker = features.build(settings, options)
     runner.serve_metrics(args.metrics_port)

@@ -106,6 +106,7 @@ class FeatureWorker:
         # they need no read from Redis until the partition moves (then they are dropped).
         self._owned: dict[TopicPartition, dict[str, EntityState]] = {}
         self._cached = 0
+        self._dropped_unwritten = False
         self._freezer = collector.Freezer()  # the cached states, out of the full collections' scans
         self._writing: asyncio.Future | None = None  # the write of the last batch
         self._committing: asyncio.Future | None = None
@@ -253,6 +254,7 @@ class FeatureWorker:
         times: list[int] = []
         if applied:
             states, times = await self._apply(applied)
+        self._bound_cache()
         write = self.store.prepare(states, events, self._watermark_entries(commit))
         return self._finish(self._writing, write, commit, times, n, fetched)
 
@@ -427,6 +429,9 @@ class FeatureWorker:
                 if u[0] not in owned:
                     missing[(entity, u[0])] = owned
         if missing:  # first sight since this worker got the partition: what the store holds
+            if self._dropped_unwritten and self._writing is not None:
+                await self._writing  # a dropped state read back before its last write would be stale
+            self._dropped_unwritten = False
             for (entity, entity_id), state in (await self.store.load(missing, writable=True)).items():
                 missing[(entity, entity_id)][entity_id] = state or self._layouts[entity].new()
             self._cached += len(missing)
@@ -444,12 +449,16 @@ class FeatureWorker:
                     count += 1
                     times.append(u[4])
             metrics.UPDATES.labels(entity).inc(count)
+        return changed, times
+
+    def _bound_cache(self) -> None:
+        """Past ``max_cached_entities``, drop every cached state (rare): reloaded on next sight."""
         if self._cached > self.options.max_cached_entities:
             for owned in self._owned.values():
-                owned.clear()  # rare: reloaded from the store on next sight
+                owned.clear()
             self._cached = 0
+            self._dropped_unwritten = True  # their last changes are in writes not done yet
         self._freezer.grown_to(self._cached)
-        return changed, times
 
     def _observe_freshness(self, times: list[int]) -> None:
         now = time.time()
