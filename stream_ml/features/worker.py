@@ -101,6 +101,7 @@ class FeatureWorker:
         self._on_visible = on_visible  # benchmarks: called with the event times made visible
         self._watermarks: dict[TopicPartition, int] = {}
         self._pending_labels: dict[TopicPartition, deque[tuple[ConsumerRecord, Label, float]]] = {}
+        self._label_entities: dict[str, tuple[str, str, str | None]] = {}  # of waiting labels' events
         self._fetched_end: dict[TopicPartition, int] = {}
         # States of the entities of the partitions this worker owns: it is their only writer, so
         # they need no read from Redis until the partition moves (then they are dropped).
@@ -222,41 +223,58 @@ class FeatureWorker:
         events: dict[str, tuple[str, str, str | None]] = {}
         rejected: list[Rejected] = []
         applied: list[tuple[str, TopicPartition, list[Update]]] = []
-        n = 0
         for tp, records in fetched.items():
-            n += len(records)
-            if tp.topic == s.topic_transactions:
-                rejected += self._route_transactions(tp, records, updates, events)
-                commit[tp] = records[-1].offset + 1
-            elif tp.topic == s.topic_labels:
+            if tp.topic == s.topic_labels:
                 valid, bad = split_valid(records, decode_label)
                 rejected += bad
                 now = time.monotonic()
                 self._pending_labels.setdefault(tp, deque()).extend((r, label, now) for r, label in valid)
                 self._fetched_end[tp] = records[-1].offset + 1
-            else:
-                entity = self._topic_entity[tp.topic]
-                applied += [(entity, tp, msgpack.unpackb(r.value, raw=False)) for r in records]
-                commit[tp] = records[-1].offset + 1
-        if not self._catching_up:  # labels held from before the rebalance wait too
-            rejected += await self._route_labels(updates, events, commit)
+        # The labels' transactions are looked up now and read once the transactions are applied:
+        # Redis is often still running the last batch's write (~40 ms for 5,000 events), and a
+        # lookup sent later waited that out with nothing else to do.
+        lookup = None
+        if not self._catching_up and self._pending_labels:  # labels held in a rebalance wait too
+            lookup = asyncio.ensure_future(self._lookup_labels())
+            await asyncio.sleep(0)  # one turn of the loop: the lookup's command goes out now
+        try:
+            for tp, records in fetched.items():
+                if tp.topic == s.topic_transactions:
+                    rejected += self._route_transactions(tp, records, updates, events)
+                    commit[tp] = records[-1].offset + 1
+                elif tp.topic != s.topic_labels:
+                    entity = self._topic_entity[tp.topic]
+                    applied += [(entity, tp, msgpack.unpackb(r.value, raw=False)) for r in records]
+                    commit[tp] = records[-1].offset + 1
+            states, times = await self._route_and_apply(updates, applied)
+            if lookup is not None:
+                await lookup
+                updates = defaultdict(list)
+                rejected += self._route_labels(updates, events, commit)
+                labelled, label_times = await self._route_and_apply(updates, [])
+                for entity, by_id in labelled.items():
+                    states.setdefault(entity, {}).update(by_id)
+                times += label_times
+        finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
+        n = sum(len(records) for records in fetched.values())
         metrics.BATCH_EVENTS.observe(n)
-
-        # 1. route: updates kept or queued in the publisher for their entity topic, dead letters
-        for topic, entity_updates in updates.items():
-            await self._route_updates(topic, entity_updates, applied)
         for r in rejected:
             self._out.add(s.topic_dead_letter, r.record.key, r.record.value or b"", None, r.headers())
         await self._check_caught_up(fetched)
-
-        # 2. apply: the entity updates of this batch, encoded now for one write
-        states: dict[str, dict[str, EntityState]] = {}
-        times: list[int] = []
-        if applied:
-            states, times = await self._apply(applied)
         self._bound_cache()
         write = self.store.prepare(states, events, self._watermark_entries(commit))
         return self._finish(self._writing, write, commit, times, n, fetched)
+
+    async def _route_and_apply(
+        self, updates: dict[str, list[Update]], applied: list[tuple[str, TopicPartition, list[Update]]]
+    ) -> tuple[dict[str, dict[str, EntityState]], list[int]]:
+        """Route ``updates`` (kept, or queued for their entity topic), then apply what is kept and
+        ``applied``: the states changed, by entity type and id, and the event times applied."""
+        for topic, entity_updates in updates.items():
+            await self._route_updates(topic, entity_updates, applied)
+        return await self._apply(applied) if applied else ({}, [])
 
     async def _finish(
         self,
@@ -320,14 +338,23 @@ class FeatureWorker:
         metrics.EVENTS.labels(tp.topic, "dead_letter").inc(len(rejected))
         return rejected
 
-    async def _route_labels(
+    async def _lookup_labels(self) -> None:
+        """Find the waiting labels' transactions in the store's event index (those not found yet)."""
+        found = self._label_entities
+        wanted = {label.event_id for q in self._pending_labels.values() for _, label, _ in q} - found.keys()
+        found.update(await self.store.lookup_events(sorted(wanted)))
+
+    def _route_labels(
         self, updates: dict[str, list[Update]], events: dict, commit: dict[TopicPartition, int]
     ) -> list[Rejected]:
-        """Labels, in partition order; a label whose transaction is not indexed yet waits (bounded)."""
+        """Labels, in partition order; a label whose transaction is not indexed yet waits (bounded).
+
+        A label's transaction is one of this batch's ``events``, else one the event index had.
+        What the index gave is kept until the label leaves: a label held behind one that waits is
+        not looked up again at every batch (it was two lookups in three).
+        """
         rejected: list[Rejected] = []
-        wanted = {label.event_id for q in self._pending_labels.values() for _, label, _ in q} - set(events)
-        known = dict(events)
-        known.update(await self.store.lookup_events(sorted(wanted)))
+        found = self._label_entities
         plan = [
             (self.entity_topics[e], list(ENTITIES).index(e), self._getters[(e, "labels")])
             for e, layout in self._layouts.items()
@@ -341,10 +368,11 @@ class FeatureWorker:
             routed = 0
             while queue:
                 record, label, arrived = queue[0]
-                entities = known.get(label.event_id)
+                entities = events.get(label.event_id) or found.get(label.event_id)
                 if entities is None and now - arrived < self.options.label_wait_s:
                     break  # wait for the transaction; later labels of this partition wait behind it
                 queue.popleft()
+                found.pop(label.event_id, None)
                 last_done = record.offset
                 t = label.label_time
                 if entities is None:
@@ -492,6 +520,7 @@ class FeatureWorker:
             self._watermarks[tp] = int(value) if value is not None else _NO_WATERMARK
 
     def forget(self, tps: set[TopicPartition]) -> None:
+        self._label_entities.clear()  # the labels still waiting are looked up again
         for tp in tps:
             self._watermarks.pop(tp, None)
             self._pending_labels.pop(tp, None)
