@@ -13,6 +13,9 @@ One consumer-group member runs two stages per fetched batch:
    states of the entities this worker owns (kept in memory, read from Redis once when their
    partition is assigned) and write the changed states back in one round trip.
 
+A batch's labels go through both stages after its transactions' updates are applied: their
+transactions' entities are looked up in the store's event index meanwhile.
+
 Keeping its own updates saves the round trip through Kafka, which was most of an update's
 latency and a third of the work; one worker alone never publishes one. It is safe because a
 state's per-source offsets need each source's updates in order: after each rebalance, the worker
