@@ -167,6 +167,21 @@ def test_values_out_of_every_window_are_dropped_an_eighth_of_the_window_late():
     assert layout.read(pruned, later) == [2.0]
 
 
+def test_a_value_many_entities_saw_is_one_object_in_their_sets():
+    # Writing a batch reads every key of every set: copies spread over the heap were cache misses.
+    fs = FeatureSet("t", (Feature("merchants_1h", "card", "distinct", 3600, "merchant_id"),))
+    layout = layouts(fs)["card"]
+    first, second = layout.new(), layout.new()
+    one, other = "".join(["m", "42"]), "".join(["m", "42"])  # equal, but two objects
+    assert one is not other
+    layout.apply(first, "transactions", T0, (one,), "t0", 0)
+    layout.apply(second, "transactions", T0, (other,), "t0", 1)
+    layout.apply(second, "transactions", T0 + 1, (other,), "t0", 2)  # seen again: time moved
+    (held_first,), (held_second,) = first.distinct[0], second.distinct[0]
+    assert held_first is held_second
+    assert second.distinct[0] == {"m42": T0 + 1}
+
+
 def test_a_window_decays_without_new_events():
     fs = FeatureSet(
         "t", (Feature("n_1h", "card", "count", 3600), Feature("s_1h", "card", "sum", 3600, "amount"))
