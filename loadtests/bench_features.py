@@ -5,8 +5,9 @@
 1. Throughput: publishes ``--events`` synthetic transactions (and their labels) first, then starts
    one worker process (`stream-ml worker features`) and times it from its first write until its
    consumer group has committed every record published (counted: a worker alone publishes nothing
-   to its entity topics): consume -> Redis write -> commit, end to end. The records the group has committed when the clock starts are not
-   counted; those written but not committed yet (at most 100 ms of work) are, without their time.
+   to its entity topics): consume -> Redis write -> commit, end to end. The records the group
+   has committed when the clock starts are not counted; those written but not committed yet (at
+   most 100 ms of work) are, without their time.
 2. Freshness: a worker runs in this process while a producer process publishes transactions at a
    fixed ``--rate`` with the event time set to the moment of sending; each update's freshness is
    the time from its event time to the moment the Redis pipeline that made it visible returned.
