@@ -36,6 +36,7 @@ from stream_ml.events import Label, Transaction, encode_label, encode_transactio
 from stream_ml.events.deadletter import reason_of
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.features import FRAUD_FEATURES
+from stream_ml.features import store as store_module
 from stream_ml.features.store import FeatureStore
 from stream_ml.kafka import BatchPublisher, group_caught_up, producer
 from stream_ml.stack import kafka_bootstrap, redis_url
@@ -332,6 +333,46 @@ def test_a_worker_whose_cache_is_dropped_at_every_batch_gives_the_same_state(dat
     finally:
         _stop([worker])
     _assert_like_the_clean_run(dataset, url)
+
+
+def test_a_write_over_many_scripts_sets_every_key_with_its_ttl(stack: Settings, monkeypatch):
+    # A batch is written by scripts of a few keys each (Redis serves other clients between them):
+    # the cuts fall inside the states, between states and event entries, and among the plain keys.
+    monkeypatch.setattr(store_module, "SCRIPT_KEYS", 7)
+    namespace = f"scripts-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(redis_url(stack))
+        try:
+            await client.script_flush()  # as in a new Redis: the script is loaded by the write
+            store = FeatureStore(client, FRAUD_FEATURES, label_horizon_s=1000, namespace=namespace)
+            card = store.layouts["card"]
+            states = {}
+            for i in range(23):
+                states[f"c{i}"] = state = card.new()
+                card.apply(state, "transactions", START, (float(i), "m1", None, "FR"), "transactions:0", i)
+            events = {f"e{i}": (f"c{i}", "m1", None) for i in range(10)}
+            plain = {f"{namespace}:plain:a": 5, f"{namespace}:plain:b": 6}
+            await store.write(store.prepare({"card": states}, events, plain))
+
+            loaded = await store.load([("card", i) for i in states])
+            assert {i: card.read(loaded[("card", i)], START) for i in states} == {
+                i: card.read(s, START) for i, s in states.items()
+            }
+            assert await store.lookup_events(list(events)) == events
+            state_ttls = [await client.pttl(store.key("card", i)) for i in states]
+            event_ttls = [await client.pttl(f"{namespace}:ev:{{{e}}}") for e in events]
+            assert all(1_000_000 < ttl <= store.ttl_ms for ttl in state_ttls)
+            assert all(0 < ttl <= 1_000_000 for ttl in event_ttls)
+            assert await client.mget(list(plain)) == [b"5", b"6"]
+            assert [await client.pttl(k) for k in plain] == [-1, -1]
+        finally:
+            keys = [k async for k in client.scan_iter(f"{namespace}:*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(go())
 
 
 def test_sigkill_and_restart_give_the_same_state(dataset: Dataset):

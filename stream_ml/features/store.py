@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import hiredis
 import msgpack
@@ -21,6 +22,19 @@ from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, layouts
 
 EntityKey = tuple[str, str]  # (entity type, id)
+SCRIPT_KEYS = 500  # keys set by one script: ~2 ms of Redis, which serves no other client meanwhile
+
+
+class PreparedWrite(NamedTuple):
+    """What :meth:`FeatureStore.write` sends: states' keys first, then event index entries, then
+    plain keys, with their values in the same order."""
+
+    keys: list[str]
+    values: list[bytes | str | int]
+    n_states: int
+    n_events: int
+
+
 # KEYS: states, then event index entries, then plain keys; ARGV: their counts, TTLs, then values.
 _SAVE_SCRIPT = """
 local n_states, n_events = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -100,7 +114,7 @@ class FeatureStore:
         states: Mapping[str, Mapping[str, EntityState]],
         events: Mapping[str, tuple[str, str, str | None]] | None = None,
         plain: Mapping[str, bytes | str | int] | None = None,
-    ) -> tuple | None:
+    ) -> PreparedWrite | None:
         """Encode a write now (a snapshot: the states may change after), for :meth:`write` later."""
         events = events or {}
         plain = plain or {}
@@ -119,21 +133,33 @@ class FeatureStore:
         pack = msgpack.Packer().pack  # reused for the batch: cheaper than packb per entry
         values += [pack(entities) for entities in events.values()]
         values += list(plain.values())
-        return (len(keys), *keys, n_states, len(events), self.ttl_ms, self.label_horizon_ms, *values)
+        return PreparedWrite(keys, values, n_states, len(events))
 
-    async def write(self, prepared: tuple | None) -> None:
-        """Send a write made by :meth:`prepare`: one round trip, one server-side script.
+    async def write(self, prepared: PreparedWrite | None) -> None:
+        """Send a write made by :meth:`prepare`: one round trip, server-side scripts.
 
-        The script sets every key with its TTL: a pipeline of SET commands costs redis-py ~50 µs a
-        command, this costs a few µs a key. (On Redis Cluster the keys of a script must share a
-        slot: a cluster client must group them by slot first.)
+        A script sets its keys with their TTLs: a pipeline of SET commands costs redis-py ~50 µs a
+        command, this costs a few µs a key. Each script sets at most ``SCRIPT_KEYS`` keys, so
+        Redis serves its other clients (the scorer) between them: one script for a batch of
+        5,000 events held them up to ~50 ms. Each state carries its applied offsets, so a write
+        cut between two scripts is made whole by the replay that follows. (On Redis Cluster the
+        keys of a script must share a slot: a cluster client must group them by slot first.)
         """
         if prepared is None:
             return
+        keys, values, n_states, n_events = prepared
+        calls = []
+        for start in range(0, len(keys), SCRIPT_KEYS):
+            end = min(start + SCRIPT_KEYS, len(keys))
+            states = max(0, min(end, n_states) - start)
+            events = max(0, min(end, n_states + n_events) - max(start, n_states))
+            head = (end - start, *keys[start:end], states, events, self.ttl_ms, self.label_horizon_ms)
+            calls.append((*head, *values[start:end]))
         try:
-            await self._call("EVALSHA", _SAVE_SHA, *prepared)
-        except redis.exceptions.NoScriptError:
-            await self._call("EVAL", _SAVE_SCRIPT, *prepared)
+            await self._pipeline([("EVALSHA", _SAVE_SHA, *call) for call in calls])
+        except redis.exceptions.NoScriptError:  # a new or restarted Redis: the same again is harmless
+            await self._call("SCRIPT", "LOAD", _SAVE_SCRIPT)
+            await self._pipeline([("EVALSHA", _SAVE_SHA, *call) for call in calls])
 
     async def lookup_events(self, event_ids: list[str]) -> dict[str, tuple[str, str, str | None]]:
         """The (card, merchant, device) of each known event id."""
@@ -141,6 +167,25 @@ class FeatureStore:
             return {}
         blobs = await self._call("MGET", *[self._event_prefix + "{" + e + "}" for e in event_ids])
         return {e: tuple(msgpack.unpackb(b)) for e, b in zip(event_ids, blobs, strict=True) if b is not None}
+
+    async def _pipeline(self, commands: list[tuple]) -> list[object]:
+        """Commands in one round trip (packed by hiredis); the first error is raised once all are read."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(b"".join([hiredis.pack_command(c) for c in commands]))
+            replies: list[object] = []
+            error: Exception | None = None
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
+            return replies
+        finally:
+            await pool.release(conn)
 
     async def _call(self, *args: str | bytes | int) -> object:
         """One command, packed by hiredis: redis-py's own packing costs ~2 µs per argument."""

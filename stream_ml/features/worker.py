@@ -57,7 +57,7 @@ from stream_ml.events.transaction import decode_transaction
 from stream_ml.features import metrics
 from stream_ml.features.definitions import ENTITIES, FeatureSet
 from stream_ml.features.state import EntityState, field_getter
-from stream_ml.features.store import LABEL_HORIZON_S, EntityKey, FeatureStore
+from stream_ml.features.store import LABEL_HORIZON_S, EntityKey, FeatureStore, PreparedWrite
 from stream_ml.kafka import BatchPublisher, consumer, fetch_or_stop, observe_lag, producer
 from stream_ml.stack import connect_redis
 from stream_ml.stack.topics import ensure_topics
@@ -282,7 +282,7 @@ class FeatureWorker:
     async def _finish(
         self,
         previous: asyncio.Future | None,
-        write: tuple | None,
+        write: PreparedWrite | None,
         commit: dict[TopicPartition, int],
         times: list[int],
         n: int,
