@@ -7,7 +7,8 @@
    consumer group has committed every record published (counted: a worker alone publishes nothing
    to its entity topics): consume -> Redis write -> commit, end to end. The records the group
    has committed when the clock starts are not counted; those written but not committed yet (at
-   most 100 ms of work) are, without their time.
+   most 100 ms of work) are, without their time. Meanwhile another Redis client reads a key every
+   2 ms: its latency is what a scorer's feature read waits while the worker catches up.
 2. Freshness: a worker runs in this process while a producer process publishes transactions at a
    fixed ``--rate`` with the event time set to the moment of sending; each update's freshness is
    the time from its event time to the moment the Redis pipeline that made it visible returned.
@@ -31,6 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import redis
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -61,7 +63,20 @@ def _fresh_topics(settings: Settings) -> Settings:
     return run
 
 
-def throughput(settings: Settings, events: int, batch_size: int) -> tuple[float, int, float]:
+def _probe_redis(url: str, stop: Any, out: Any) -> None:
+    """Another client's GET latency while the worker writes (what a scorer's feature read waits)."""
+    client = redis.Redis.from_url(url)
+    latencies = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        client.get("sm:probe")
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.002)
+    latencies.sort()
+    out.send((latencies[int(len(latencies) * 0.99)], latencies[-1]))
+
+
+def throughput(settings: Settings, events: int, batch_size: int) -> tuple[float, int, float, tuple]:
     run = _fresh_topics(settings)
     bootstrap = kafka_bootstrap(settings)
     stream = SyntheticStream(
@@ -103,6 +118,12 @@ def throughput(settings: Settings, events: int, batch_size: int) -> tuple[float,
                 raise RuntimeError("the worker exited")
             time.sleep(0.01)
         started = time.monotonic()
+        stop_probe = multiprocessing.Event()
+        probe_result, probe_out = multiprocessing.Pipe(duplex=False)
+        probe = multiprocessing.Process(
+            target=_probe_redis, args=(redis_url(settings), stop_probe, probe_out), daemon=True
+        )
+        probe.start()
         # What it had committed by then is not counted: its first write can come after several
         # batches (labels waiting for their payments), which once made a run look 2.6x faster.
         sources = [run.topic_transactions, run.topic_labels]
@@ -121,10 +142,14 @@ def throughput(settings: Settings, events: int, batch_size: int) -> tuple[float,
             if now_done > done:
                 done, progress_at = now_done, time.monotonic()
         elapsed = time.monotonic() - started
+        stop_probe.set()
+        probe_p99, probe_max = probe_result.recv()
+        probe.join()
     finally:
         worker.terminate()
         worker.wait(10)
-    return (report.events - done_before) / elapsed, report.events - done_before, elapsed
+    n = report.events - done_before
+    return n / elapsed, n, elapsed, (probe_p99, probe_max)
 
 
 async def _committed(bootstrap: str, group: str, topics: list[str]) -> int:
@@ -239,7 +264,7 @@ def main() -> None:
         )
         local.up(settings)
     try:
-        rate, n, elapsed = throughput(settings, args.events, args.batch_size)
+        rate, n, elapsed, (probe_p99, probe_max) = throughput(settings, args.events, args.batch_size)
         p50, p99, samples = freshness(settings, args.rate, args.seconds)
     finally:
         if own_stack:
@@ -248,6 +273,8 @@ def main() -> None:
         f"\n| measure | result |\n|---|---|\n"
         f"| throughput, one worker process (consume -> Redis -> commit) | {rate:,.0f} events/s "
         f"({n:,} events, {elapsed:.1f} s) |\n"
+        f"| meanwhile, another client's Redis GET every 2 ms, p99 / max | {probe_p99 * 1000:.1f} ms / "
+        f"{probe_max * 1000:.1f} ms |\n"
         f"| freshness at {args.rate:,.0f} events/s, p50 | {p50:.1f} ms |\n"
         f"| freshness at {args.rate:,.0f} events/s, p99 | {p99:.1f} ms ({samples:,} entity updates) |"
     )
