@@ -66,6 +66,28 @@ def test_a_call_that_queued_work_would_make_late_is_refused_at_once() -> None:
     asyncio.run(scenario())
 
 
+def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() -> None:
+    # The rest of a call's time is for what the queue cannot see (the socket, the answer's write).
+    async def scenario() -> None:
+        b = _batcher(0.05)
+        b.start()
+        for _ in range(50):
+            b.cost.observe(4, 0.05)
+        try:
+            running = [asyncio.ensure_future(b.submit(i, time.monotonic() + 10)) for i in range(4)]
+            await asyncio.sleep(0.01)  # one batch runs, nothing queued
+            wait = b.expected_wait_s()
+            assert wait > 0.05
+            b.admit(time.monotonic() + 2 * wait + 0.01)
+            with pytest.raises(Overloaded):
+                b.admit(time.monotonic() + 2 * wait - 0.01)
+            await asyncio.gather(*running)
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
 def test_cost_model_prediction_is_the_fit_of_the_current_timings():
     """predict() reuses its fit until a timing or a prior changes it: the figures of a fresh fit."""
     from stream_ml.serving.batcher import CostModel
