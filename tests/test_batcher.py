@@ -88,6 +88,27 @@ def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() 
     asyncio.run(scenario())
 
 
+def test_the_items_of_one_call_are_admitted_together() -> None:
+    async def scenario() -> None:
+        b = _batcher(0.001)
+        b.start()
+        for _ in range(50):
+            b.cost.observe(4, 0.05)  # a batch of 4 predicted at 50 ms: 12 items queue 150 ms
+        try:
+            until = time.monotonic() + 0.2
+            b.admit(until, 12)  # idle: the whole call is tried
+            answers = await asyncio.gather(*(b.submit(i, until, admitted=True) for i in range(12)))
+            assert answers == [i * 2 for i in range(12)]
+            # one by one, the call's last items would be refused for the queue its first ones made
+            until = time.monotonic() + 0.2
+            alone = await asyncio.gather(*(b.submit(i, until) for i in range(12)), return_exceptions=True)
+            assert any(isinstance(a, Overloaded) for a in alone)
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
 def test_cost_model_prediction_is_the_fit_of_the_current_timings():
     """predict() reuses its fit until a timing or a prior changes it: the figures of a fresh fit."""
     from stream_ml.serving.batcher import CostModel

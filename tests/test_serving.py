@@ -220,6 +220,14 @@ def test_batch_answers_each_transaction(server: Server):
     assert results[10] == {"error": "field currency: expected 3 upper-case letters, got 'eur'", "status": 422}
 
 
+def test_a_full_batch_call_to_an_idle_scorer_is_answered_in_full(server: Server):
+    body = [{**TX, "event_id": f"full{i}"} for i in range(256)]  # the most a call may carry
+    status, answer, _ = server.request("/score/batch", json.dumps(body).encode(), {"X-API-Key": KEY})
+    assert status == 200
+    refused = [r for r in answer["results"] if "error" in r]
+    assert not refused, f"{len(refused)} of 256 refused, e.g. {refused[0]}"
+
+
 def _batch_totals(server: Server) -> tuple[float, float]:
     lines = server.get("/metrics")[1]["text"].splitlines()
 

@@ -412,13 +412,13 @@ def create_app(scorer: Scorer) -> ASGIApp:
         count(metrics.REJECTED, "overload")
         return HTTPError(503, f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"})
 
-    def admit(until: float) -> None:
+    def admit(until: float, n: int = 1) -> None:
         try:
-            scorer.batcher.admit(until)
+            scorer.batcher.admit(until, n)
         except Overloaded as exc:
             raise overloaded(exc) from None
 
-    async def score_one(fields: Any, until: float, started: float) -> dict[str, Any]:
+    async def score_one(fields: Any, until: float, started: float, admitted: bool = False) -> dict[str, Any]:
         if not isinstance(fields, dict):
             raise HTTPError(422, "expected a transaction object")
         try:
@@ -426,7 +426,7 @@ def create_app(scorer: Scorer) -> ASGIApp:
         except InvalidMessage as exc:
             raise HTTPError(422, str(exc)) from None
         try:
-            result = await scorer.batcher.submit(tx, until)
+            result = await scorer.batcher.submit(tx, until, admitted)
         except Overloaded as exc:
             raise overloaded(exc) from None
         except DeadlineExceeded:
@@ -480,8 +480,9 @@ def create_app(scorer: Scorer) -> ASGIApp:
                     422, f"expected a list of 1 to {options.max_transactions_per_call} transactions"
                 )
             until = deadline(request.headers, started)
+            admit(until, len(body))
             answers = await asyncio.gather(
-                *(score_one(f, until, started) for f in body), return_exceptions=True
+                *(score_one(f, until, started, admitted=True) for f in body), return_exceptions=True
             )
         except HTTPError as exc:
             count(metrics.RESPONSES, "score_batch", str(exc.status))

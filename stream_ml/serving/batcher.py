@@ -151,23 +151,25 @@ class MicroBatcher(Generic[Item, Result]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def expected_wait_s(self) -> float:
-        """Until a request submitted now is answered: the batch running, the full batches queued
-        before it, then its own batch, and the loop's lag twice (to reach the batch, then the
-        answer's turn to be written)."""
-        full, rest = divmod(len(self._queue), self.max_batch)
+    def expected_wait_s(self, n: int = 1) -> float:
+        """Until the last of ``n`` requests submitted now is answered: the batch running, the full
+        batches queued before it, then its own batch, and the loop's lag twice (to reach the
+        batch, then the answer's turn to be written)."""
+        full, rest = divmod(len(self._queue) + n - 1, self.max_batch)
         running = self.cost.predict(self._running) if self._running else 0.0
         batches = running + full * self.cost.predict(self.max_batch) + self.cost.predict(rest + 1)
         return batches + 2 * self.lag.lag_s
 
-    def admit(self, deadline_s: float) -> None:
-        """Raise :class:`Overloaded` if a request with this deadline would be refused now.
+    def admit(self, deadline_s: float, n: int = 1) -> None:
+        """Raise :class:`Overloaded` if ``n`` requests with this deadline would be refused now.
 
         Callers check before they parse a body, so that refusing costs as little as it can: under
-        overload, refusals are most of the work.
+        overload, refusals are most of the work. The items of one call are admitted together (and
+        then submitted with ``admitted``): one by one, the last of a large call to an idle scorer
+        would be refused for the queue its first ones made.
         """
-        wait = self.expected_wait_s()
-        if len(self._queue) >= self.max_queue:
+        wait = self.expected_wait_s(n)
+        if len(self._queue) + n > self.max_queue:
             raise Overloaded("queue full", retry_after_s=max(wait, 0.01))
         # Idle, a call is always tried: waiting would not make it faster, and refusing it would also
         # starve the cost model of the timings that let it forget a slow spell.
@@ -179,9 +181,13 @@ class MicroBatcher(Generic[Item, Result]):
         if busy and (wait > left * QUEUE_SHARE or self.lag.lag_s > left / 5):
             raise Overloaded("the deadline cannot be met at the current load", retry_after_s=max(wait, 0.01))
 
-    async def submit(self, item: Item, deadline_s: float) -> Result:
-        """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time."""
-        self.admit(deadline_s)
+    async def submit(self, item: Item, deadline_s: float, admitted: bool = False) -> Result:
+        """Score ``item`` in a batch; ``deadline_s`` is an absolute ``time.monotonic()`` time.
+
+        ``admitted``: :meth:`admit` let it in with the rest of its call just now.
+        """
+        if not admitted:
+            self.admit(deadline_s)
         pending: _Pending[Item, Result] = _Pending(item, deadline_s)
         self._queue.append(pending)
         self._wake.set()
