@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -46,10 +47,24 @@ def _random_stream(rng: random.Random, n: int) -> list[Transaction]:
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_every_feature_matches_the_oracle_at_random_times(seed):
+# The default set reads one maximum; this one adds minima and maxima of other series (windows
+# long enough to hold events at the read times, which follow the last label by up to 31 days).
+WITH_EXTREMES = dataclasses.replace(
+    FRAUD_FEATURES,
+    name="extremes",
+    features=(
+        *FRAUD_FEATURES.features,
+        Feature("card_amount_min_7d", "card", "min", 7 * 86400, "amount"),
+        Feature("card_amount_min_30d", "card", "min", 30 * 86400, "amount"),
+        Feature("merchant_amount_max_30d", "merchant", "max", 30 * 86400, "amount"),
+        Feature("merchant_amount_min_7d", "merchant", "min", 7 * 86400, "amount"),
+    ),
+)
+
+
+@pytest.mark.parametrize(("seed", "fs"), [(1, FRAUD_FEATURES), (2, FRAUD_FEATURES), (3, WITH_EXTREMES)])
+def test_every_feature_matches_the_oracle_at_random_times(seed, fs):
     rng = random.Random(seed)
-    fs = FRAUD_FEATURES
     L = layouts(fs)
     oracle = Oracle(fs)
     states: dict[tuple[str, str], object] = {}

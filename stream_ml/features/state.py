@@ -285,8 +285,23 @@ class Layout:
             needed += [s.field for s in self._distinct if s.source == source]
             self.fields[source] = tuple(dict.fromkeys(needed))
         self._series = series
-        self._reads_min = any(f.agg == "min" for f in features)
-        self._reads_max = any(f.agg == "max" for f in features)
+        # the series whose minima or maxima a feature reads (positions in self._numeric)
+        self._min_series = np.array(
+            [
+                n
+                for n, s in enumerate(self._numeric)
+                if any(series.get(f.name) is s and f.agg == "min" for f in features)
+            ],
+            np.intp,
+        )
+        self._max_series = np.array(
+            [
+                n
+                for n, s in enumerate(self._numeric)
+                if any(series.get(f.name) is s and f.agg == "max" for f in features)
+            ],
+            np.intp,
+        )
         self._series_aggs = {
             s.base: {f.agg for f in features if series.get(f.name) is s} for s in numeric.values()
         }
@@ -522,11 +537,15 @@ class Layout:
         weight = inside.astype(np.float64)  # a product and sum in one pass: ~3x np.where(...).sum()
         count = np.einsum("nsk,nsk->ns", tiles[..., 1], weight)
         total = np.einsum("nsk,nsk->ns", tiles[..., 2], weight)
-        # minima and maxima only where a feature reads them
-        low = np.where(inside, tiles[..., 3], _INF).min(-1) if self._reads_min else np.full(count.shape, _INF)
-        high = (
-            np.where(inside, tiles[..., 4], -_INF).max(-1) if self._reads_max else np.full(count.shape, -_INF)
-        )
+        # minima and maxima only of the series a feature reads them of (one of the card's five)
+        low = np.full(count.shape, _INF)
+        high = np.full(count.shape, -_INF)
+        if len(self._min_series):
+            at = self._min_series
+            low[:, at] = np.where(inside[:, at], tiles[..., 3][:, at], _INF).min(-1)
+        if len(self._max_series):
+            at = self._max_series
+            high[:, at] = np.where(inside[:, at], tiles[..., 4][:, at], -_INF).max(-1)
         return WindowStats(count, total, low, high)
 
     def fill_numeric(self, out: np.ndarray, stats: WindowStats) -> None:
