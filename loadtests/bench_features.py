@@ -130,7 +130,7 @@ def throughput(settings: Settings, events: int, batch_size: int) -> tuple[float,
         done_before = asyncio.run(_committed(bootstrap, group, sources))
         # Done when the group has committed every record published: counted, not inferred from a
         # fetch that found nothing in 100 ms (a busy broker answering late once ended a run
-        # early, at 2.5x the other runs' rate). One worker publishes no entity-topic record.
+        # early, at 2.4x the other runs' rate). One worker publishes no entity-topic record.
         done, progress_at = done_before, time.monotonic()
         while done < report.events:
             if worker.poll() is not None:

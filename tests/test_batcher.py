@@ -18,6 +18,15 @@ def _batcher(run_s: float) -> MicroBatcher[int, int]:
     return MicroBatcher(run, max_batch=4)
 
 
+def _started_at_50_ms_a_batch(run_s: float) -> MicroBatcher[int, int]:
+    """A started batcher whose cost model predicts 50 ms for a batch of 4, whatever it runs in."""
+    b = _batcher(run_s)
+    b.start()
+    for _ in range(50):
+        b.cost.observe(4, 0.05)
+    return b
+
+
 def test_an_idle_scorer_tries_a_call_even_after_a_slow_spell() -> None:
     async def scenario() -> int:
         b = _batcher(0.001)
@@ -49,10 +58,7 @@ def test_the_cost_model_forgets_a_slow_spell_once_calls_run_fast_again() -> None
 
 def test_a_call_that_queued_work_would_make_late_is_refused_at_once() -> None:
     async def scenario() -> None:
-        b = _batcher(0.05)
-        b.start()
-        for _ in range(50):
-            b.cost.observe(4, 0.05)
+        b = _started_at_50_ms_a_batch(0.05)
         try:
             queued = [asyncio.ensure_future(b.submit(i, time.monotonic() + 10)) for i in range(12)]
             await asyncio.sleep(0.01)  # the first batch runs, the rest queue
@@ -69,10 +75,7 @@ def test_a_call_that_queued_work_would_make_late_is_refused_at_once() -> None:
 def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() -> None:
     # The rest of a call's time is for what the queue cannot see (the socket, the answer's write).
     async def scenario() -> None:
-        b = _batcher(0.05)
-        b.start()
-        for _ in range(50):
-            b.cost.observe(4, 0.05)
+        b = _started_at_50_ms_a_batch(0.05)
         try:
             running = [asyncio.ensure_future(b.submit(i, time.monotonic() + 10)) for i in range(4)]
             await asyncio.sleep(0.01)  # one batch runs, nothing queued
@@ -90,10 +93,7 @@ def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() 
 
 def test_the_items_of_one_call_are_admitted_together() -> None:
     async def scenario() -> None:
-        b = _batcher(0.001)
-        b.start()
-        for _ in range(50):
-            b.cost.observe(4, 0.05)  # a batch of 4 predicted at 50 ms: 12 items queue 150 ms
+        b = _started_at_50_ms_a_batch(0.001)  # 12 items queue 150 ms
         try:
             until = time.monotonic() + 0.2
             b.admit(until, 12)  # idle: the whole call is tried

@@ -285,26 +285,14 @@ class Layout:
             needed += [s.field for s in self._distinct if s.source == source]
             self.fields[source] = tuple(dict.fromkeys(needed))
         self._series = series
-        # the series whose minima or maxima a feature reads (positions in self._numeric)
-        self._min_series = np.array(
-            [
-                n
-                for n, s in enumerate(self._numeric)
-                if any(series.get(f.name) is s and f.agg == "min" for f in features)
-            ],
-            np.intp,
-        )
-        self._max_series = np.array(
-            [
-                n
-                for n, s in enumerate(self._numeric)
-                if any(series.get(f.name) is s and f.agg == "max" for f in features)
-            ],
-            np.intp,
-        )
         self._series_aggs = {
             s.base: {f.agg for f in features if series.get(f.name) is s} for s in numeric.values()
         }
+        # the series whose minima or maxima a feature reads (positions in self._numeric)
+        self._min_series, self._max_series = (
+            np.array([n for n, s in enumerate(self._numeric) if agg in self._series_aggs[s.base]], np.intp)
+            for agg in ("min", "max")
+        )
         self._plan = {source: self._plan_for(source) for source in self.fields}
         self._empty = array("d", [-1.0, 0.0, 0.0, _INF, -_INF]) * (len(self._numeric) * TILES)
         self._defaults = np.array([f.default for f in features], dtype=np.float64)

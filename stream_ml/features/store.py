@@ -141,7 +141,7 @@ class FeatureStore:
         A script sets its keys with their TTLs: a pipeline of SET commands costs redis-py ~50 µs a
         command, this costs a few µs a key. Each script sets at most ``SCRIPT_KEYS`` keys, so
         Redis serves its other clients (the scorer) between them: one script for a batch of
-        5,000 events held them up to ~50 ms. Each state carries its applied offsets, so a write
+        5,000 events held them up to 60–90 ms. Each state carries its applied offsets, so a write
         cut between two scripts is made whole by the replay that follows. (On Redis Cluster the
         keys of a script must share a slot: a cluster client must group them by slot first.)
         """
