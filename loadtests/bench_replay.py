@@ -7,7 +7,10 @@ their labels, 20k cards), then measures:
 
 1. read only: consume every record of both topics; then read + decode (the floor replay cannot
    go under);
-2. compute only: the same events fed to the point-in-time engine from memory (state, vectors);
+2. compute only: the same events fed to the point-in-time engine from memory (state, vectors),
+   decoded from their records first, as replay has them (the generator's own objects share
+   their strings, hashes already computed: before one code per value, compute measured ~10 %
+   faster on them than on decoded events);
 3. replay: `replay()` end to end, Kafka to an in-memory dataset (what `stream-ml replay` does,
    less the Parquet write).
 
@@ -27,7 +30,7 @@ from pathlib import Path
 from aiokafka import TopicPartition
 
 from stream_ml.config import Settings
-from stream_ml.events import Transaction, decode_label, decode_transaction
+from stream_ml.events import Transaction, decode_label, decode_transaction, encode_label, encode_transaction
 from stream_ml.events.publish import publish
 from stream_ml.events.sources.synthetic import SyntheticConfig, SyntheticStream
 from stream_ml.features import feature_set
@@ -101,6 +104,12 @@ def main() -> None:
             t = time.perf_counter()
             rates[name] = asyncio.run(_read_only(settings, decode)) / (time.perf_counter() - t)
 
+        items = [
+            decode_transaction(encode_transaction(e))
+            if isinstance(e, Transaction)
+            else decode_label(encode_label(e))
+            for e in items
+        ]
         pit = PointInTime(fs, ["t", "l"])
         t = time.perf_counter()
         for i, item in enumerate(items):

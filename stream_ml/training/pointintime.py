@@ -51,7 +51,7 @@ from stream_ml.events.label import Label
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import ENTITIES, SOURCES, TILES, Feature, FeatureSet
 from stream_ml.features.state import NEVER, EntityState, WindowStats, in_window, saturated
-from stream_ml.features.table import StateTable, pair_key
+from stream_ml.features.table import Codes, StateTable, pair_key
 from stream_ml.features.vector import VectorBuilder
 
 _TX, _LABEL = 0, 1  # the source codes: also the order of events at the same millisecond
@@ -132,7 +132,13 @@ class PointInTime:
         self.label_cutoff = label_cutoff if label_cutoff is not None else 1 << 62
         self.label_horizon_ms = label_horizon_ms
         self.chunk_size = chunk_size
-        self.tables = {e: StateTable(layout, track_offsets) for e, layout in self.layouts.items()}
+        # One code per value of each field, shared by every table that keys or counts by it.
+        self._entity_fields = [ENTITIES[e] for e in self.layouts]
+        counted_fields = {f for layout in self.layouts.values() for _, f, _ in layout.distinct_series()}
+        self._vocabulary = {f: Codes() for f in {*self._entity_fields, *counted_fields}}
+        self.tables = {
+            e: StateTable(layout, track_offsets, self._vocabulary) for e, layout in self.layouts.items()
+        }
         self.labels: dict[str, tuple[bool, int]] = {}
         self.counts = Counts()
         self._tags = sorted(set(partitions))
@@ -141,9 +147,8 @@ class PointInTime:
         self._live = set(self._watermarks)
         self._new: tuple[list, list, list, list, list] = ([], [], [], [], [])  # event, kind, tag, offset, t
         self._held: list[_Events] = []
-        # event id -> (event time, *entity ids in ENTITIES order): where a label's entities are
+        # event id -> (event time, *entity codes in _entity_fields order): where a label's entities are
         self._tx_entities: dict[str, tuple] = {}
-        self._entity_position = {e: list(ENTITIES).index(e) for e in self.layouts}
         # the fields each source's events carry to the states: numbers, and values to count
         self._numbers = {
             source: sorted(
@@ -162,6 +167,8 @@ class PointInTime:
             )
             for source in SOURCES
         }
+        # the fields coded from each transaction: its entities and the values counted of it
+        self._coded = sorted({*self._entity_fields, *self._values[SOURCES[_TX]]})
 
     # -- feeding, per source partition in log order ---------------------------------------
 
@@ -260,8 +267,9 @@ class PointInTime:
         is_tx = ev.kind == _TX
         at = {_TX: np.flatnonzero(is_tx), _LABEL: np.flatnonzero(~is_tx)}
         events = {kind: ev.event[where].tolist() for kind, where in at.items()}
-        ids = self._entity_ids(ev, at, events)
-        numbers, counted = self._fields(len(ev.t), at, events)
+        tx_codes = {f: self._vocabulary[f].of(list(map(attrgetter(f), events[_TX]))) for f in self._coded}
+        entity_rows = self._entity_rows(ev, at, events, tx_codes)
+        numbers, counted = self._fields(len(ev.t), at, events, tx_codes)
         read = (ev.t[at[_TX]] >= self.rows_from) & (ev.t[at[_TX]] < self.rows_to)
         readers = at[_TX][read]
         txs: list[Transaction] = [tx for tx, r in zip(events[_TX], read.tolist(), strict=True) if r]
@@ -270,25 +278,25 @@ class PointInTime:
         latest = np.full(len(readers), -1, dtype=np.int64)
         last_seen: dict[str, np.ndarray] = {}
         for entity, table in self.tables.items():
-            rows = np.full(len(ev.t), -1, dtype=np.int64)
-            for kind, entity_ids in enumerate(ids[entity]):
-                rows[at[kind]] = table.rows_of(entity_ids)
+            table.fit()
+            rows = entity_rows[ENTITIES[entity]]
             values = {
                 name: numbers[name]
                 for names in table.layout.fields.values()
                 for name in names
                 if name in numbers
             }
-            for index, (_, name) in table.counted.items():
-                codes = values[name] = np.full(len(ev.t), -1, dtype=np.int64)
-                for where, raw in counted[name]:
-                    codes[where] = table.distinct[index].codes.of(raw)
+            values.update((name, counted[name]) for _, name in table.counted.values())
             reads = _EntityReads(table, rows, ev, values, readers)
             out[:, self.builder.columns[entity]] = reads.features()
             latest = np.maximum(latest, reads.latest_before())
             for name, layout, feature, tx_field in self.builder.novelty:
                 if layout is table.layout:
-                    last_seen[name] = reads.last_seen(feature, list(map(attrgetter(tx_field), txs)))
+                    if tx_field == feature.field:
+                        codes = tx_codes[tx_field][read]
+                    else:  # a value the counted field never had is one never seen
+                        codes = self._vocabulary[feature.field].known(list(map(attrgetter(tx_field), txs)))
+                    last_seen[name] = reads.last_seen(feature, codes)
             reads.apply(self._tags)
         self.builder.fill_request(
             out,
@@ -309,25 +317,26 @@ class PointInTime:
             latest,
         )
 
-    def _entity_ids(
-        self, ev: _Events, at: dict[int, np.ndarray], events: dict[int, list]
-    ) -> dict[str, tuple[list, list]]:
-        """Per entity type, the ids of the chunk's transactions and of its labels (a label's are
-        its transaction's; None where none).
+    def _entity_rows(
+        self, ev: _Events, at: dict[int, np.ndarray], events: dict[int, list], tx_codes: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Per entity field, each of the chunk's events' entity code, its row in the entity's
+        table (-1: none): a transaction's own, a label's its transaction's.
 
         A label finds its transaction among those applied before it, in the chunk's order.
         """
         txs, labels = events[_TX], events[_LABEL]
-        by_entity = [list(map(attrgetter(f), txs)) for f in ENTITIES.values()]
+        fields = self._entity_fields
         tx_ids = list(map(attrgetter("event_id"), txs))
         label_ids = list(map(attrgetter("event_id"), labels))
         index = self._tx_entities
         before = list(map(index.get, label_ids))
         times = ev.t[at[_LABEL]].tolist()
         known = len(index)
-        index.update(zip(tx_ids, zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True), strict=True))
+        entries = list(zip(ev.t[at[_TX]].tolist(), *(tx_codes[f].tolist() for f in fields), strict=True))
+        index.update(zip(tx_ids, entries, strict=True))
         if len(index) - known < len(tx_ids):  # an event id seen again: which one each label sees
-            found = self._found_in_order(ev, at, tx_ids, label_ids, before, by_entity)
+            found = self._found_in_order(at, entries, tx_ids, label_ids, before)
         else:
             # A transaction later than its label comes after it: the label sees what was before.
             found = [
@@ -340,24 +349,24 @@ class PointInTime:
         if times and times[-1] > self.label_cutoff:
             counted = ((e, ft) for e, ft in counted if ft[1] <= self.label_cutoff)
         self.labels.update(counted)  # in time order: the latest label of an event wins
-        nobody = (None,) * (len(ENTITIES) + 1)
-        by_label = list(zip(*[nobody if f is None else f for f in found], strict=True)) if found else []
-        return {
-            entity: (by_entity[p], list(by_label[p + 1]) if found else [])
-            for entity, p in self._entity_position.items()
-        }
+        nobody = (-1,) * (len(fields) + 1)
+        by_label = np.array([nobody if f is None else f for f in found], dtype=np.int64)
+        rows = {}
+        for p, f in enumerate(fields):
+            column = rows[f] = np.empty(len(ev.t), dtype=np.int64)
+            column[at[_TX]] = tx_codes[f]
+            column[at[_LABEL]] = by_label[:, p + 1] if len(found) else -1
+        return rows
 
     def _found_in_order(
         self,
-        ev: _Events,
         at: dict[int, np.ndarray],
+        entries: list[tuple],
         tx_ids: list[str],
         label_ids: list[str],
         before: list,
-        by_entity: list[list],
     ) -> list:
         """Each label's transaction entry, walking the chunk in order (an event id seen twice)."""
-        entries = list(zip(ev.t[at[_TX]].tolist(), *by_entity, strict=True))
         walk = sorted(
             [(p, 0, i) for i, p in enumerate(at[_TX].tolist())]
             + [(p, 1, i) for i, p in enumerate(at[_LABEL].tolist())]
@@ -372,12 +381,12 @@ class PointInTime:
         return found
 
     def _fields(
-        self, n: int, at: dict[int, np.ndarray], events: dict[int, list]
-    ) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[np.ndarray, list]]]]:
-        """The fields the states read: numbers as columns over the chunk (0 where absent), and
-        the values to count as (positions, values) per source."""
+        self, n: int, at: dict[int, np.ndarray], events: dict[int, list], tx_codes: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The fields the states read, as columns over the chunk: numbers (0 where absent), and
+        the codes of the values to count (-1 where absent)."""
         numbers: dict[str, np.ndarray] = {}
-        counted: dict[str, list[tuple[np.ndarray, list]]] = {}
+        counted: dict[str, np.ndarray] = {}
         for kind, source in enumerate(SOURCES):
             where, picked = at[kind], events[kind]
             for name in self._numbers[source]:
@@ -386,7 +395,11 @@ class PointInTime:
                     map(attrgetter(name), picked), dtype=np.float64, count=len(picked)
                 )
             for name in self._values[source]:
-                counted.setdefault(name, []).append((where, list(map(attrgetter(name), picked))))
+                column = counted.setdefault(name, np.full(n, -1, dtype=np.int64))
+                if kind == _TX:
+                    column[where] = tx_codes[name]
+                else:
+                    column[where] = self._vocabulary[name].of(list(map(attrgetter(name), picked)))
         return numbers, counted
 
     def _forget_old_transactions(self) -> None:
@@ -483,11 +496,12 @@ class _EntityReads:
         out[self.slots] = self._latest
         return out
 
-    def last_seen(self, feature: Feature, values: list[str | None]) -> np.ndarray:
-        """When each reader's entity last saw ``values[i]`` of the distinct ``feature`` (NEVER: not)."""
+    def last_seen(self, feature: Feature, codes: np.ndarray) -> np.ndarray:
+        """When each reader's entity last saw the value coded ``codes[i]`` (-1: none) of the
+        distinct ``feature`` (NEVER: not)."""
         index = self.layout.distinct_index(feature)
         distinct = self.table.distinct[index]
-        code = distinct.codes.of([values[i] for i in self.slots.tolist()])
+        code = codes[self.slots]
         sub = self._sub(SOURCES.index(feature.source), feature.field)
         pos = self.order[sub]
         # the chunk's occurrences by (row, value, position): the reader's latest earlier one
