@@ -1,6 +1,6 @@
 """Replay: events per second of one process, from Kafka and in memory, measured in one run.
 
-    python loadtests/bench_replay.py [--events 200000]
+    python loadtests/bench_replay.py [--events 200000] [--rate 200] [--terminals 0]
 
 Starts an embedded stack on free ports, publishes ``--events`` synthetic events (transactions and
 their labels, 20k cards), then measures:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import tempfile
 import time
 import uuid
@@ -81,6 +82,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=200_000, help="events to publish (about half labels)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="payments per second of event time (200: the log spans minutes; 0.5: a week)",
+    )
+    parser.add_argument(
+        "--terminals",
+        type=int,
+        default=0,
+        help="put every payment on one of this many devices shared by all cards (shop terminals "
+        "that see thousands of cards a day: a skew the synthetic stream does not have)",
+    )
     args = parser.parse_args()
     fs = feature_set("fraud")
     state = Path(tempfile.mkdtemp(prefix="bench-replay-"))
@@ -90,9 +104,12 @@ def main() -> None:
         tag = uuid.uuid4().hex[:6]
         settings = replace(base, topic_transactions=f"rtx-{tag}", topic_labels=f"rlab-{tag}")
         asyncio.run(ensure_topics(kafka_bootstrap(settings), settings.topics(), settings.partitions))
-        config = SyntheticConfig(seed=1, start_ms=START, rate=200.0)
+        config = SyntheticConfig(seed=1, start_ms=START, rate=args.rate)
+        terminals = random.Random(1)
         items = []
         for item in SyntheticStream(config).items():
+            if args.terminals and isinstance(item, Transaction):
+                item = replace(item, device_id=f"t{terminals.randrange(args.terminals)}")
             items.append(item)
             if len(items) >= args.events:
                 break

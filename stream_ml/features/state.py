@@ -709,14 +709,22 @@ def saturated(counts: np.ndarray) -> np.ndarray:
     return np.minimum(counts, DISTINCT_CAP)
 
 
-def in_window(times: Any, t: Any, tile_ms: int) -> Any:
-    """Whether events at ``times`` are inside the window of ``TILES`` tiles of ``tile_ms`` ending at ``t``.
+def window_bounds(t: Any, tile_ms: int) -> tuple[Any, Any]:
+    """[start, end) in ms of the window of ``TILES`` tiles of ``tile_ms`` ending at ``t``: the
+    tiles up to the one holding ``t``. Scalars or numpy arrays: the one statement of the window
+    rule for distinct values.
 
-    Scalars or numpy arrays: the one statement of the window rule for distinct values.
+    >>> window_bounds(1_000_250, 100)
+    (999100, 1000300)
     """
     k = t // tile_ms
-    tile = times // tile_ms
-    return (tile > k - TILES) & (tile <= k)
+    return (k - TILES + 1) * tile_ms, (k + 1) * tile_ms
+
+
+def in_window(times: Any, t: Any, tile_ms: int) -> Any:
+    """Whether events at ``times`` are inside the window of ``TILES`` tiles of ``tile_ms`` ending at ``t``."""
+    start, end = window_bounds(t, tile_ms)
+    return (times >= start) & (times < end)
 
 
 _SHARED: dict[str, str] = {}

@@ -11,17 +11,18 @@ before it), so memory holds about one allowed lateness of events. At the same mi
 transactions come before labels, then by source partition and offset.
 
 Columns, a chunk at a time. The states are kept as columns (:class:`StateTable`), and a chunk of
-released events is worked on as arrays, not event by event. A transaction's vector is the
-state at the start of its chunk, read by the layout's own code (`Layout.window_stats`,
-`distinct_counts`, `since_last`), merged with what the chunk's earlier events add to the same
-windows, and finished by the scorer's code (`Layout.fill_numeric`, `VectorBuilder.fill_request`).
-The merge is exact because a chunk's events are in time order: an earlier event in a reader's
-window lands in one of the tiles of that window (it cannot have displaced a tile the window
-holds), and it adds to counts and sums, and to minima and maxima, as the state would. The
-chunk's events are then applied to the states, all at once, by `Layout.apply_columns`: the final
-state does not depend on the order events are applied in (a tile slot keeps the newest tile it
-has seen, its sums, counts, minima and maxima commute; distinct values keep their latest time),
-so replayed state equals the stream worker's state for the same events.
+released events is worked on as arrays, not event by event. A transaction's vector is the state
+at the start of its chunk, read by the layout's own code (`Layout.window_stats`, `since_last`,
+and `window_bounds` for distinct counts), merged with what the chunk's earlier events add to the
+same windows, and finished by the scorer's code (`Layout.fill_numeric`,
+`VectorBuilder.fill_request`). The merge is exact because a chunk's events are in time order: an
+earlier event in a reader's window lands in one of the tiles of that window (it cannot have
+displaced a tile the window holds), and it adds to counts and sums, and to minima and maxima, as
+the state would. The chunk's events are then applied to the states, all at once, by
+`Layout.apply_columns`: the final state does not depend on the order events are applied in (a
+tile slot keeps the newest tile it has seen, its sums, counts, minima and maxima commute;
+distinct values keep their latest time), so replayed state equals the stream worker's state for
+the same events.
 
 >>> from stream_ml.events import Label, Transaction
 >>> from stream_ml.features import FRAUD_FEATURES
@@ -298,6 +299,7 @@ class PointInTime:
                         codes = self._vocabulary[feature.field].known(list(map(attrgetter(tx_field), txs)))
                     last_seen[name] = reads.last_seen(feature, codes)
             reads.apply(self._tags)
+            table.forget_before(int(ev.t[-1]))  # every later read is at this time or after
         self.builder.fill_request(
             out,
             np.fromiter(map(attrgetter("amount"), txs), dtype=np.float64, count=len(txs)),
@@ -476,12 +478,10 @@ class _EntityReads:
             stats = layout.window_stats(table.tiles[self.r], self.t)
             layout.fill_numeric(mine, self._with_chunk(stats))
         for index, distinct in table.distinct.items():
-            reads = dict(layout.distinct_reads(index))
-            if reads:
-                owner, last_seen = distinct.of_rows(self.r)
-                columns, counts = layout.distinct_counts(index, owner, last_seen, self.t)
-                for k, column in enumerate(columns.tolist()):
-                    mine[:, column] = saturated(counts[:, k] + self._new_distinct(index, reads[column]))
+            reads = layout.distinct_reads(index)
+            counts = distinct.counts(self.r, self.t, [tile_ms for _, tile_ms in reads])
+            for k, (column, tile_ms) in enumerate(reads):
+                mine[:, column] = saturated(counts[:, k] + self._new_distinct(index, tile_ms))
         for column, source, index in layout.since_last_reads():
             last = self._previous_time(SOURCES.index(source), table.last[self.r, index])
             mine[:, column] = layout.since_last(column, last, self.t)
