@@ -12,7 +12,7 @@ their labels, 20k cards), then measures:
    their strings, hashes already computed: before one code per value, compute measured ~10 %
    faster on them than on decoded events);
 3. replay: `replay()` end to end, Kafka to an in-memory dataset (what `stream-ml replay` does,
-   less the Parquet write).
+   less the Parquet write); then again with the dataset written (``-o``), as a user runs it.
 
 Prints events/s for each and the ratios. Absolute figures move with the machine's load.
 """
@@ -140,12 +140,21 @@ def main() -> None:
         compute_s = time.perf_counter() - t
 
         result = asyncio.run(replay(settings, fs, kafka_bootstrap(settings), ReplayOptions(progress=False)))
+        written = asyncio.run(
+            replay(
+                settings,
+                fs,
+                kafka_bootstrap(settings),
+                ReplayOptions(output=state / "dataset", progress=False),
+            )
+        )
         replayed = result.counts["transactions"] + result.counts["labels"]
         print(f"{n:,} events published ({result.counts['transactions']:,} transactions)")
         for name, rate in rates.items():
             print(f"{name:<24} {rate:>10,.0f} events/s")
         print(f"{'compute only (memory)':<24} {n / compute_s:>10,.0f} events/s")
         print(f"{'replay, end to end':<24} {result.events_per_s:>10,.0f} events/s ({replayed:,} events)")
+        print(f"{'  + dataset written':<24} {written.events_per_s:>10,.0f} events/s (Parquet, as `-o` does)")
         print(f"replay / read + decode ratio {result.events_per_s / rates['read + decode']:.2f}")
     finally:
         local.down(base)
