@@ -475,8 +475,7 @@ class _EntityReads:
         out = np.tile(defaults, (self.n_readers, 1))
         mine = np.tile(defaults, (len(self.r), 1))
         if layout.numeric_series():
-            stats = layout.window_stats(table.tiles[self.r], self.t)
-            layout.fill_numeric(mine, self._with_chunk(stats))
+            layout.fill_numeric(mine, self._with_chunk(self._stored_stats()))
         for index, distinct in table.distinct.items():
             reads = layout.distinct_reads(index)
             counts = distinct.counts(self.r, self.t, [tile_ms for _, tile_ms in reads])
@@ -489,6 +488,23 @@ class _EntityReads:
         has_state = self._latest >= 0
         out[self.slots[has_state]] = mine[has_state]
         return out
+
+    def _stored_stats(self) -> WindowStats:
+        """The state's window stats as of each reader, computed once for the readers of one
+        entity in the same tiles of every series (a busy merchant's readers in a chunk, mostly).
+
+        Readers are in (row, time) order, so such readers are next to one another.
+        """
+        tiles_ms = np.array([tile_ms for _, _, tile_ms in self.layout.numeric_series()], dtype=np.int64)
+        k = self.t[:, None] // tiles_ms[None, :]
+        new = np.ones(len(self.r), dtype=bool)
+        new[1:] = (self.r[1:] != self.r[:-1]) | (k[1:] != k[:-1]).any(axis=1)
+        first = np.flatnonzero(new)
+        stats = self.layout.window_stats(self.table.tiles[self.r[first]], self.t[first])
+        if len(first) == len(self.r):
+            return stats
+        which = np.cumsum(new) - 1
+        return WindowStats(*(a[which] for a in stats))
 
     def latest_before(self) -> np.ndarray:
         """The time of the entity's latest earlier event (-1: none; and for readers without the entity)."""
