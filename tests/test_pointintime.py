@@ -170,6 +170,39 @@ def test_offsets_are_tracked_for_a_backfill():
     assert "device" in states and not states["device"]
 
 
+def test_labels_find_their_transactions_after_older_ones_are_forgotten():
+    """Past the label horizon a transaction is forgotten, and its row with it once most rows are:
+    a label of a kept one still counts for its own card, a label of a forgotten one for none."""
+    hour = 3_600_000
+    tags = ["transactions:0", "labels:0"]
+    pit = PointInTime(FRAUD_FEATURES, tags, label_horizon_ms=2 * hour, chunk_size=500)
+    pit.finish_partition("labels:0")  # its labels come at the end: they do not hold the rest back
+    offsets = iter(range(10_000))
+
+    def pay(event_id: str, t: int, card: str) -> None:
+        tx = Transaction(event_id, t, card, "m1", 1.0, "EUR", "FR", "pos", None)
+        pit.add_transaction(tx, "transactions:0", next(offsets))
+
+    for i in range(2_000):
+        pay(f"old{i}", T0 + i * 1_000, f"c{i % 50}")
+    for j in range(10):
+        pay(f"kept{j}", T0 + 2 * hour + j * 1_000, f"k{j}")
+    pay("push", T0 + 3 * hour + hour // 2, "c0")  # released up to 2.5 h; labellable from 1.5 h
+    pit.release()
+    assert pit._tx_rows < 2_000  # the forgotten rows were let go, and the kept ones renumbered
+    for offset, event_id in enumerate(["kept3", "old5"]):
+        pit.add_label(Label(event_id, True, T0 + 4 * hour, "chargeback"), "labels:0", offset)
+    pay("after-k3", T0 + 4 * hour + 1_000, "k3")
+    pay("after-c5", T0 + 4 * hour + 2_000, "c5")
+    chunk = pit.release(final=True)
+    assert pit.counts.labels_unknown == 1
+    frauds = chunk.features[:, FRAUD_FEATURES.names.index("card_frauds_30d")]
+    assert dict(zip(chunk.event_ids[-2:], frauds[-2:].tolist(), strict=True)) == {
+        "after-k3": 1.0,
+        "after-c5": 0.0,
+    }
+
+
 def test_distinct_counts_in_small_blocks_of_pairs_give_the_same_vectors(monkeypatch):
     """A hot entity makes many (reader, earlier event) pairs: they are counted a block at a time."""
     rng = random.Random(5)

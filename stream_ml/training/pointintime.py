@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import attrgetter
 
 import numpy as np
@@ -58,6 +59,7 @@ from stream_ml.features.vector import VectorBuilder
 _TX, _LABEL = 0, 1  # the source codes: also the order of events at the same millisecond
 _NOTHING_YET = -(1 << 62)
 _EVENT_TIME, _LABEL_TIME = attrgetter("event_time"), attrgetter("label_time")
+_TX_ROWS = 1024  # the fewest rows of the transaction table (its rows are never fewer)
 _MAX_PAIRS = 1 << 22  # distinct counts compare (reader, earlier event) pairs: at most this many at once
 
 
@@ -148,8 +150,11 @@ class PointInTime:
         self._live = set(self._watermarks)
         self._new: tuple[list, list, list, list, list] = ([], [], [], [], [])  # event, kind, tag, offset, t
         self._held: list[_Events] = []
-        # event id -> (event time, *entity codes in _entity_fields order): where a label's entities are
-        self._tx_entities: dict[str, tuple] = {}
+        # Where a label's entities are: event id -> row of _tx_info, which holds the transaction's
+        # time and its entity codes (in _entity_fields order) as int64 columns.
+        self._tx_index: dict[str, int] = {}
+        self._tx_info = np.zeros((_TX_ROWS, 1 + len(self._entity_fields)), dtype=np.int64)
+        self._tx_rows = 0  # rows of _tx_info in use (rows of forgotten transactions included)
         # the fields each source's events carry to the states: numbers, and values to count
         self._numbers = {
             source: sorted(
@@ -331,56 +336,66 @@ class PointInTime:
         fields = self._entity_fields
         tx_ids = list(map(attrgetter("event_id"), txs))
         label_ids = list(map(attrgetter("event_id"), labels))
-        index = self._tx_entities
-        before = list(map(index.get, label_ids))
-        times = ev.t[at[_LABEL]].tolist()
+        index = self._tx_index
+        before = np.fromiter(map(index.get, label_ids, repeat(-1)), dtype=np.int64, count=len(label_ids))
+        first = self._add_tx_info(ev.t[at[_TX]], [tx_codes[f] for f in fields])
         known = len(index)
-        entries = list(zip(ev.t[at[_TX]].tolist(), *(tx_codes[f].tolist() for f in fields), strict=True))
-        index.update(zip(tx_ids, entries, strict=True))
+        index.update(zip(tx_ids, range(first, first + len(tx_ids)), strict=True))
+        t_label = ev.t[at[_LABEL]]
         if len(index) - known < len(tx_ids):  # an event id seen again: which one each label sees
-            found = self._found_in_order(at, entries, tx_ids, label_ids, before)
+            found = self._found_in_order(at, first, tx_ids, label_ids, before)
         else:
+            found = np.fromiter(map(index.get, label_ids, repeat(-1)), dtype=np.int64, count=len(label_ids))
             # A transaction later than its label comes after it: the label sees what was before.
-            found = [
-                b if f is not None and f[0] > t else f
-                for f, b, t in zip(map(index.get, label_ids), before, times, strict=True)
-            ]
-        self.counts.labels_unknown += found.count(None)
-        frauds = list(map(attrgetter("is_fraud"), labels))
-        counted = zip(label_ids, zip(frauds, times, strict=True), strict=True)
+            later = (found >= 0) & (self._tx_info[np.maximum(found, 0), 0] > t_label)
+            found[later] = before[later]
+        self.counts.labels_unknown += int((found < 0).sum())
+        times = t_label.tolist()
+        counted = zip(label_ids, zip(map(attrgetter("is_fraud"), labels), times, strict=True), strict=True)
         if times and times[-1] > self.label_cutoff:
             counted = ((e, ft) for e, ft in counted if ft[1] <= self.label_cutoff)
         self.labels.update(counted)  # in time order: the latest label of an event wins
-        nobody = (-1,) * (len(fields) + 1)
-        by_label = np.array([nobody if f is None else f for f in found], dtype=np.int64)
         rows = {}
         for p, f in enumerate(fields):
             column = rows[f] = np.empty(len(ev.t), dtype=np.int64)
             column[at[_TX]] = tx_codes[f]
-            column[at[_LABEL]] = by_label[:, p + 1] if len(found) else -1
+            column[at[_LABEL]] = np.where(found >= 0, self._tx_info[np.maximum(found, 0), p + 1], -1)
         return rows
+
+    def _add_tx_info(self, times: np.ndarray, codes: list[np.ndarray]) -> int:
+        """Rows for transactions (time, entity codes); returns the first. Grows by doubling."""
+        first, n = self._tx_rows, len(times)
+        if first + n > len(self._tx_info):
+            grown = np.zeros((max(2 * len(self._tx_info), first + n), self._tx_info.shape[1]), np.int64)
+            grown[:first] = self._tx_info[:first]
+            self._tx_info = grown
+        self._tx_info[first : first + n, 0] = times
+        for p, column in enumerate(codes):
+            self._tx_info[first : first + n, p + 1] = column
+        self._tx_rows = first + n
+        return first
 
     def _found_in_order(
         self,
         at: dict[int, np.ndarray],
-        entries: list[tuple],
+        first: int,
         tx_ids: list[str],
         label_ids: list[str],
-        before: list,
-    ) -> list:
-        """Each label's transaction entry, walking the chunk in order (an event id seen twice)."""
+        before: np.ndarray,
+    ) -> np.ndarray:
+        """Each label's transaction row, walking the chunk in order (an event id seen twice)."""
         walk = sorted(
             [(p, 0, i) for i, p in enumerate(at[_TX].tolist())]
             + [(p, 1, i) for i, p in enumerate(at[_LABEL].tolist())]
         )
-        latest: dict[str, tuple] = {}
-        found: list = []
+        latest: dict[str, int] = {}
+        found: list[int] = []
         for _, kind, i in walk:
             if kind == 0:
-                latest[tx_ids[i]] = entries[i]
+                latest[tx_ids[i]] = first + i
             else:
-                found.append(latest.get(label_ids[i], before[i]))
-        return found
+                found.append(latest.get(label_ids[i], int(before[i])))
+        return np.array(found, dtype=np.int64)
 
     def _fields(
         self, n: int, at: dict[int, np.ndarray], events: dict[int, list], tx_codes: dict[str, np.ndarray]
@@ -406,15 +421,25 @@ class PointInTime:
 
     def _forget_old_transactions(self) -> None:
         """Transactions older than the label horizon can no longer be labelled (as in the worker)."""
-        if not self._tx_entities:
+        index = self._tx_index
+        if not index:
             return
-        newest = max(self._watermarks.values())
-        oldest = newest - self.label_horizon_ms
-        entities = self._tx_entities
-        for event_id in list(entities):  # insertion order is time order: stop at the first young one
-            if entities[event_id][0] >= oldest:
+        oldest = max(self._watermarks.values()) - self.label_horizon_ms
+        times = self._tx_info[:, 0]
+        stale = []
+        for event_id, row in index.items():  # insertion order is time order: stop at the first young one
+            if times[row] >= oldest:
                 break
-            del entities[event_id]
+            stale.append(event_id)
+        for event_id in stale:
+            del index[event_id]
+        if self._tx_rows > 2 * len(index) + _TX_ROWS:  # mostly forgotten rows: keep the live ones only
+            live = np.fromiter(index.values(), dtype=np.int64, count=len(index))
+            info = np.zeros((max(len(live), _TX_ROWS), self._tx_info.shape[1]), dtype=np.int64)
+            info[: len(live)] = self._tx_info[live]
+            self._tx_info = info
+            self._tx_index = dict(zip(index, range(len(index)), strict=True))
+            self._tx_rows = len(index)
 
     def final_states(self) -> dict[str, dict[str, EntityState]]:
         """The replayed states, with their real applied offsets (when tracked), as the store keeps them."""
