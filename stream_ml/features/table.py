@@ -104,11 +104,8 @@ class DistinctValues:
                 out[:, k] = np.bincount(owner[inside], minlength=len(rows))
         reader = np.flatnonzero(~small)
         if len(reader):
-            large, which = np.unique(rows[reader], return_inverse=True)
-            first = np.searchsorted(self.keys, pair_key(large, 0))
-            segment, times = self._values_of(
-                np.arange(len(large)), first, np.searchsorted(self.keys, pair_key(large + 1, 0)) - first
-            )
+            _, one, which = np.unique(rows[reader], return_index=True, return_inverse=True)
+            segment, times = self._values_of(np.arange(len(one)), start[reader[one]], lengths[reader[one]])
             clock = np.unique(times)  # times by rank: (segment, time) is one int64 whatever the span
             width = len(clock) + 1
             key = np.sort(segment * width + np.searchsorted(clock, times))
