@@ -146,6 +146,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from stream_ml.registry import Registry
     from stream_ml.serving.app import Scorer, create_app
+    from stream_ml.serving.http import HttpProtocol
     from stream_ml.serving.model import production_model
     from stream_ml.serving.predictions import PredictionLog
 
@@ -197,7 +198,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         log_level="warning",
         access_log=False,
     )
