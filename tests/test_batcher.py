@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from stream_ml.serving import batcher
 from stream_ml.serving.batcher import MicroBatcher, Overloaded
 
 
@@ -157,3 +158,34 @@ def test_a_lagging_event_loop_refuses_calls_while_busy_and_forgets_the_lag() -> 
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_calls_a_turn_of_the_loop_away_when_a_batch_ends_join_the_next_one(monkeypatch) -> None:
+    # The loop of a loaded test machine may lag, which rightly skips the turns: not under test here.
+    monkeypatch.setattr(batcher, "TURNS_UNTIL_LAG_S", 1.0)
+
+    async def scenario() -> list[int]:
+        sizes: list[int] = []
+        later: list[asyncio.Future] = []
+
+        async def run(items: list[int]) -> list[int]:
+            sizes.append(len(items))
+            if len(sizes) == 1:
+                await asyncio.sleep(0.02)  # a call queues meanwhile
+                # two more are read as the batch ends: their submissions run at the loop's next turn
+                later.extend(asyncio.ensure_future(b.submit(i, time.monotonic() + 10)) for i in (2, 3))
+            return items
+
+        b: MicroBatcher[int, int] = MicroBatcher(run, max_batch=8)
+        b.start()
+        try:
+            first = asyncio.ensure_future(b.submit(0, time.monotonic() + 10))
+            await asyncio.sleep(0.01)
+            queued = asyncio.ensure_future(b.submit(1, time.monotonic() + 10))
+            assert await asyncio.gather(first, queued) == [0, 1]
+            assert await asyncio.gather(*later) == [2, 3]
+            return sizes
+        finally:
+            await b.stop()
+
+    assert asyncio.run(scenario()) == [1, 3]  # without the turns: [1, 1, 2]

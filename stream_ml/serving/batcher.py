@@ -24,6 +24,13 @@ Result = TypeVar("Result")
 # and for the prediction's error: filling the whole deadline, overloaded scorers answered the
 # calls they took in 52 ms (p50) against a 50 ms deadline.
 QUEUE_SHARE = 0.5
+# Turns of the event loop the batcher lets pass before it takes a batch, while the loop keeps up
+# and the queue holds less than a batch: the answers of the batch just scored leave, and the calls
+# that arrived meanwhile are read and join the next batch instead of waiting a whole batch for the
+# one after. Measured at 5,000 calls/s: p50 4.5 -> 3.1 ms, p99 7.2 -> 5.6 ms. Not when the loop
+# lags: each turn then serves a flood of calls, and waiting for them made overload worse.
+TURNS_BEFORE_BATCH = 2
+TURNS_UNTIL_LAG_S = 0.002
 
 
 class Overloaded(Exception):
@@ -207,6 +214,9 @@ class MicroBatcher(Generic[Item, Result]):
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            if len(self._queue) < self.max_batch and self.lag.lag_s < TURNS_UNTIL_LAG_S:
+                for _ in range(TURNS_BEFORE_BATCH):
+                    await asyncio.sleep(0)
             now = time.monotonic()
             batch: list[_Pending[Item, Result]] = []
             while self._queue and len(batch) < self.max_batch:
