@@ -451,7 +451,9 @@ class Layout:
             k = t // s.tile_ms
             slot, inverse = np.unique(rows * width + s.base + (k % TILES) * SLOT, return_inverse=True)
             newest = np.full(len(slot), -_INF)
-            np.maximum.at(newest, inverse, k)
+            # k as doubles, the slots' type: ufunc.at casting int64 to float64 takes numpy's slow
+            # path (measured 730 µs against 23 µs for 13,000 events)
+            np.maximum.at(newest, inverse, k.astype(np.float64))
             opened = newest > flat[slot]  # a newer tile than the slot's: it starts afresh
             fresh = slot[opened]
             flat[fresh] = newest[opened]

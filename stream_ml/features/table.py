@@ -129,12 +129,15 @@ class DistinctValues:
         """Events seeing ``codes`` (-1: no value) at ``times``: each pair keeps its latest time."""
         seen = codes >= 0
         key = pair_key(rows[seen], codes[seen])
-        t = times[seen]
-        order = np.lexsort((t, key))
-        key, t = key[order], t[order]
-        last = np.ones(len(key), dtype=bool)
-        last[:-1] = key[1:] != key[:-1]
-        key, t = key[last], t[last]
+        # one stable pass by pair, then each pair's latest time: the events come in (row, time)
+        # order from replay, nearly sorted pairs, where a lexsort by (pair, time) took two passes
+        order = np.argsort(key, kind="stable")
+        key, t = key[order], times[seen][order]
+        first = np.ones(len(key), dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        starts = np.flatnonzero(first)
+        key = key[starts]
+        t = np.maximum.reduceat(t, starts) if len(starts) else t
         at = np.searchsorted(self.keys, key)
         held = at < len(self.keys)
         held[held] = self.keys[at[held]] == key[held]
