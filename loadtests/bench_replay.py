@@ -129,13 +129,13 @@ def main() -> None:
         ]
         pit = PointInTime(fs, ["t", "l"])
         t = time.perf_counter()
-        for i, item in enumerate(items):
-            if isinstance(item, Transaction):
-                pit.add_transaction(item, "t", i)
-            else:
-                pit.add_label(item, "l", i)
-            if i % 20_000 == 0:
-                pit.release()
+        for start in range(0, n, 20_000):  # as replay feeds them: a batch per partition, then a release
+            fed = list(enumerate(items[start : start + 20_000], start))
+            txs = [(i, e) for i, e in fed if isinstance(e, Transaction)]
+            labels = [(i, e) for i, e in fed if not isinstance(e, Transaction)]
+            pit.add_transactions([e for _, e in txs], "t", [i for i, _ in txs])
+            pit.add_labels([e for _, e in labels], "l", [i for i, _ in labels])
+            pit.release()
         pit.release(final=True)
         compute_s = time.perf_counter() - t
 

@@ -147,6 +147,18 @@ def test_transaction_extra_fields_from_json():
     assert dict(tx.extra) == {"mcc": 5411, "promo": "spring"}
 
 
+def test_a_message_shape_seen_before_still_has_its_extra_values_checked():
+    """The extra field names are found once per shape of message; the values every time."""
+    shape = tx_fields(mcc=5411, promo="spring")
+    assert dict(decode_transaction(packb(shape)).extra) == {"mcc": 5411, "promo": "spring"}
+    with pytest.raises(InvalidMessage, match="field promo: extra fields must be"):
+        decode_transaction(packb({**shape, "promo": ["spring"]}))
+    assert dict(decode_transaction(packb({**shape, "mcc": 1})).extra) == {"mcc": 1, "promo": "spring"}
+    # the same names in another order are another shape: the extras keep the message's order
+    flipped = {**tx_fields(), "promo": "spring", "mcc": 5411}
+    assert list(decode_transaction(packb(flipped)).extra) == ["promo", "mcc"]
+
+
 def test_transaction_decoded_values_and_types():
     tx = decode_transaction(packb(tx_fields(amount=12, device_id=None, event_time=float(T0))))
     assert tx.amount == 12.0 and type(tx.amount) is float
