@@ -11,6 +11,8 @@ import random
 import uuid
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
 from helpers import run_cli, settings_env
 from test_feature_worker import (
@@ -127,6 +129,56 @@ def test_replayed_state_equals_the_stream_workers(dataset: Dataset):
     again = run_cli("replay", "--materialize", "--quiet", env=env)
     assert again.returncode == 0, again.stderr
     assert _snapshot(dataset, replay_url) == replayed
+
+
+def test_invalid_records_are_skipped_and_counted_and_the_read_stops_after_the_range(topics: Settings):
+    """As the worker dead-letters them: the valid events around an invalid record all count."""
+    from stream_ml.events import encode_label, encode_transaction
+    from stream_ml.kafka import producer
+
+    txs = [
+        Transaction(f"e{i}", START + i * 300_000, f"c{i % 3}", "m1", 10.0 + i, "EUR", "FR", "pos", None)
+        for i in range(40)
+    ]
+    bad_tx = [b"not msgpack", b"", msgpack.packb({"event_id": "x", "amount": "abc"})]
+    bad_label = msgpack.packb({"event_id": "e1", "is_fraud": "yes", "label_time": START, "source": "x"})
+
+    async def produce() -> None:
+        kafka = producer(kafka_bootstrap(topics))
+        await kafka.start()
+        try:  # one card per partition key: invalid records land between valid ones
+            for i, tx in enumerate(txs):
+                await kafka.send(topics.topic_transactions, encode_transaction(tx), key=tx.card_id.encode())
+                if i % 13 == 5:
+                    raw = bad_tx[(i // 13) % len(bad_tx)]
+                    await kafka.send(topics.topic_transactions, raw, key=tx.card_id.encode())
+            label = Label("e3", True, START + 30 * 60_000, "chargeback")
+            await kafka.send(topics.topic_labels, encode_label(label), key=b"e3")
+            await kafka.send(topics.topic_labels, bad_label, key=b"e1")
+            await kafka.flush()
+        finally:
+            await kafka.stop()
+
+    asyncio.run(produce())
+    bootstrap = kafka_bootstrap(topics)
+    whole = asyncio.run(replay(topics, FRAUD_FEATURES, bootstrap, ReplayOptions(progress=False)))
+    assert [e for c in whole.chunks for e in c.event_ids] == [tx.event_id for tx in txs]
+    assert whole.counts["invalid"] == 4 and whole.counts["labels"] == 1
+    assert whole.labels == {"e3": (True, START + 30 * 60_000)}
+
+    # the first hour: its rows, the same vectors; read up to the allowed lateness (an hour) after
+    rows_to = START + HOUR
+    part = asyncio.run(
+        replay(topics, FRAUD_FEATURES, bootstrap, ReplayOptions(rows_to=rows_to, progress=False))
+    )
+    got = [e for c in part.chunks for e in c.event_ids]
+    assert got == [tx.event_id for tx in txs if tx.event_time < rows_to]
+    np.testing.assert_array_equal(
+        np.concatenate([c.features for c in part.chunks]),
+        np.concatenate([c.features for c in whole.chunks])[: len(got)],
+    )
+    read = part.counts["transactions"] + part.counts["invalid"]
+    assert len(got) < read < whole.counts["transactions"] + 3  # it stopped after the range
 
 
 def test_replay_command_says_what_to_do(topics, tmp_path: Path):

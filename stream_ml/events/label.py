@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stream_ml.events.codec import decode_map, encode_map, req_bool, req_str, req_time_ms
+from stream_ml.events.codec import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    decode_map,
+    encode_map,
+    req_bool,
+    req_str,
+    req_time_ms,
+)
 
 
 @dataclass(slots=True)
@@ -34,6 +42,19 @@ class Label:
 
 
 def validate_label(d: Mapping[str, Any]) -> Label:
+    """A mapping of fields to a :class:`Label`, or :class:`InvalidMessage` naming the field."""
+    get = d.get
+    event_id, is_fraud, t, source = get("event_id"), get("is_fraud"), get("label_time"), get("source")
+    if (  # the common case in one pass; the field-by-field checks below name the field at fault
+        type(event_id) is str
+        and 0 < len(event_id) <= 128
+        and type(is_fraud) is bool
+        and type(t) is int
+        and MIN_TIME_MS <= t < MAX_TIME_MS
+        and type(source) is str
+        and 0 < len(source) <= 64
+    ):
+        return Label(event_id, is_fraud, t, source)
     return Label(
         event_id=req_str(d, "event_id"),
         is_fraud=req_bool(d, "is_fraud"),
