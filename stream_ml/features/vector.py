@@ -127,6 +127,8 @@ class VectorBuilder:
         saw the transaction's value, ``NEVER`` if it did not. Replay calls this with columns of its
         own; :meth:`build_array` with what it finds in the states.
         """
+        names = np.empty(len(channels), dtype=object)  # compared in C, once per channel feature
+        names[:] = channels
         for column, rf in self._request:
             kind = rf.kind
             if kind == "amount":
@@ -141,7 +143,7 @@ class VectorBuilder:
             elif kind == "is_weekend":
                 out[:, column] = (event_time // _DAY_MS + _THURSDAY) % 7 >= 5
             elif kind == "channel_is":
-                out[:, column] = [channel == rf.arg for channel in channels]
+                out[:, column] = names == rf.arg
             elif kind == "is_new":
                 tile_ms = self._stored[rf.arg].tile_ms  # type: ignore[index]
                 out[:, column] = ~in_window(last_seen[rf.name], as_of, tile_ms)
