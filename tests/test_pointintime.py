@@ -21,7 +21,7 @@ from stream_ml.features import FRAUD_FEATURES, table
 from stream_ml.features.definitions import ENTITIES
 from stream_ml.features.state import DISTINCT_CAP, EntityState, copy_state, in_window
 from stream_ml.features.vector import VectorBuilder
-from stream_ml.training.pointintime import PointInTime
+from stream_ml.training.pointintime import PointInTime, _Events, _release_order, _stable_order
 
 T0 = 1_780_000_000_000
 LATENESS = FRAUD_FEATURES.allowed_lateness_s * 1000
@@ -240,3 +240,23 @@ def test_distinct_counts_saturate_at_the_cap_in_every_path():
     assert len(stored.distinct[0]) == DISTINCT_CAP
     end = txs[-1].event_time
     assert layout.read(stored, end) == layout.read(states["device"]["t1"], end)
+
+
+@pytest.mark.parametrize("top", [1, 300, 1 << 16, 1 << 20, 1 << 40])
+def test_the_fast_stable_orders_are_numpys_stable_orders(top: int):
+    """Rows past 65,535 take a second radix pass; keys past 2**32 numpy's own stable sort."""
+    rng = np.random.default_rng(top)
+    for n in (0, 1, 7, 5000):
+        keys = rng.integers(0, top, n)
+        np.testing.assert_array_equal(_stable_order(keys), np.argsort(keys, kind="stable"))
+    # events of a few partitions, each read in offset order: released as a lexsort would
+    n, tags = 3000, 5
+    tag = rng.integers(0, tags, n).astype(np.int32)
+    offset = np.zeros(n, dtype=np.int64)
+    for code in range(tags):
+        mine = tag == code
+        offset[mine] = np.cumsum(rng.integers(1, 3, int(mine.sum())))
+    t = T0 + rng.integers(0, 50, n)
+    kind = rng.integers(0, 2, n).astype(np.int8)
+    events = _Events(t, kind, tag, offset, np.empty(n, dtype=object), np.empty((n, 0), dtype=np.int64))
+    np.testing.assert_array_equal(_release_order(events, tags), np.lexsort((offset, tag, kind, t)))
