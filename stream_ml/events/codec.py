@@ -157,7 +157,9 @@ def req_time_ms(d: Mapping[str, Any], name: str) -> int:
 
 def extra_fields(d: Mapping[str, Any], known: frozenset[str]) -> dict[str, Scalar]:
     """The fields a schema does not name; they ride along if they are scalars."""
-    shape = (known, tuple(d))  # the keys' hashes are cached: ~10x cheaper than finding the names
+    # the keys' hashes are cached, so a shape is a cheap lookup (a transaction with one extra
+    # field decoded in 4.00 µs against 4.18 µs with the names found by set arithmetic)
+    shape = (known, tuple(d))
     names = _EXTRA_NAMES.get(shape)
     if names is None:
         # In the order of the message (not a set's), so a re-encoded event is the same.

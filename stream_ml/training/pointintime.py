@@ -750,10 +750,11 @@ def _stable_order(keys: np.ndarray) -> np.ndarray:
     where the ``np.lexsort`` of (row, value, position) it replaced took three (21 µs against
     1,250 µs for 13,000 events).
     """
-    if not len(keys) or keys.min() < 0 or keys.max() >= 1 << 32:
+    top = int(keys.max()) if len(keys) else 0
+    if not len(keys) or keys.min() < 0 or top >= 1 << 32:
         return np.argsort(keys, kind="stable")
     order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
-    if keys.max() >= 1 << 16:
+    if top >= 1 << 16:
         order = order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
     return order
 
