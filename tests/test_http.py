@@ -1,13 +1,16 @@
-"""The scorer's connection sends an answer's head and body in one write (see tests/test_serving.py
-for the same protocol under a real server)."""
+"""The scorer's connection sends an answer's head and body in one write, and answers the calls its
+hook refuses before they reach the app (see tests/test_serving.py for the same protocol under the
+real scorer)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import uvicorn
 import uvloop
+from uvicorn.server import ServerState
 
-from stream_ml.serving.http import _WritesPerTurn
+from stream_ml.serving.http import _WritesPerTurn, protocol
 
 
 class _Recorder:
@@ -58,3 +61,82 @@ def test_closing_sends_what_is_held_first_and_nothing_after() -> None:
         return sock.calls
 
     assert uvloop.run(scenario()) == [("send", b"HTTP/1.1 400 Bad Request\r\n\r\n"), ("close", b"")]
+
+
+def _early(method: bytes, target: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    if method == b"POST" and target == b"/refuse":
+        return 503, [(b"content-length", b"4"), (b"retry-after", b"1")], b"busy"
+    return None
+
+
+def _exchange(*steps: tuple[bytes, int]) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    """Each step's bytes sent on one connection to a real server with the early hook, then its
+    number of answers read back; returns the answers and the calls the app saw."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def app(scope, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        seen.append((scope["path"], body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list[bytes]:
+        config = uvicorn.Config(app, http=protocol(_early), lifespan="off", log_level="warning")
+        config.load()
+        state = ServerState()
+        state.default_headers = [(b"server", b"test")]  # as uvicorn's server sets them (date too)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
+            "127.0.0.1",
+            0,
+        )
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got: list[bytes] = []
+        for raw, answers in steps:
+            writer.write(raw)
+            got += await _answers(reader, answers)
+        writer.close()
+        server.close()
+        return got
+
+    return uvloop.run(scenario()), seen
+
+
+async def _answers(reader: asyncio.StreamReader, n: int) -> list[bytes]:
+    got: list[bytes] = []
+    while len(got) < n:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if head.startswith(b"HTTP/1.1 100 "):  # an interim answer: no body, the final one follows
+            continue
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got.append(head + await asyncio.wait_for(reader.readexactly(length), 5))
+    return got
+
+
+def test_a_call_answered_early_skips_the_app_and_its_body_and_the_connection_serves_on() -> None:
+    refused = b"POST /refuse HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\nnot a call!"
+    passed = b"POST /ok HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+
+    answers, seen = _exchange((refused + passed, 2), (refused, 1))
+
+    assert answers[0].startswith(b"HTTP/1.1 503") and answers[0].endswith(b"\r\n\r\nbusy")
+    assert b"\r\nretry-after: 1\r\n" in answers[0] and b"\r\nserver: test\r\n" in answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 200") and answers[1].endswith(b"ok")
+    assert answers[2].startswith(b"HTTP/1.1 503")
+    assert seen == [("/ok", b"abc")]  # the refused bodies were skipped, not read as calls
+
+
+def test_calls_the_connection_cannot_answer_early_go_to_the_app() -> None:
+    """HTTP/1.0, or a body held back for a 100 Continue: the app answers, as without the hook."""
+    old = b"POST /refuse HTTP/1.0\r\ncontent-length: 1\r\n\r\nx"
+    answers, seen = _exchange((old, 1))
+    assert answers[0].startswith(b"HTTP/1.1 200") and seen == [("/refuse", b"x")]
+
+    waiting = b"POST /refuse HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n"
+    answers, seen = _exchange((waiting + b"y", 1))
+    assert answers[0].startswith(b"HTTP/1.1 200") and seen == [("/refuse", b"y")]

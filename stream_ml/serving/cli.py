@@ -145,8 +145,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from stream_ml.registry import Registry
-    from stream_ml.serving.app import Scorer, create_app
-    from stream_ml.serving.http import HttpProtocol
+    from stream_ml.serving.app import Scorer, create_app, early_refusal
+    from stream_ml.serving.http import protocol
     from stream_ml.serving.model import production_model
     from stream_ml.serving.predictions import PredictionLog
 
@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http=HttpProtocol,
+        http=protocol(early_refusal(scorer)),
         log_level="warning",
         access_log=False,
     )
