@@ -22,10 +22,8 @@ Result = TypeVar("Result")
 # The share of a call's time left that its predicted wait in our queue may take. The rest is for
 # what the queue cannot see (the wait in the socket before the call is read, the answer's write)
 # and for the prediction's error: filling the whole deadline, overloaded scorers answered the
-# calls they took in 52 ms (p50) against a 50 ms deadline. At 0.5, with refusals answered by the
-# connection, p99 at 20,000-22,000 calls/s was 48.6-53.1 ms; at 0.35, 34.9-46.0 ms with as many
-# calls scored (4 runs each, alternating), and a few dozen refusals near capacity (11,000/s).
-QUEUE_SHARE = 0.35
+# calls they took in 52 ms (p50) against a 50 ms deadline.
+QUEUE_SHARE = 0.5
 # Turns of the event loop the batcher lets pass before it takes a batch, while the loop keeps up
 # and the queue holds less than a batch: the answers of the batch just scored leave, and the calls
 # that arrived meanwhile are read and join the next batch instead of waiting a whole batch for the
