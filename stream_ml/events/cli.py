@@ -13,7 +13,6 @@ from pathlib import Path
 
 from stream_ml import runner
 from stream_ml.config import Settings, add_arguments, env_name
-from stream_ml.events.gateway import Gateway
 from stream_ml.events.label import Label
 from stream_ml.events.publish import event_time_schedule, publish, rate_schedule
 from stream_ml.events.sources import files
@@ -161,6 +160,8 @@ def _synthetic(args: argparse.Namespace, settings: Settings) -> int:
         keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
         if not keys:
             raise ValueError(f"--score-url needs an API key of the scorer: set {env_name('api_keys')}=KEY")
+        from stream_ml.events.gateway import Gateway  # aiohttp: 130 ms of every command's start-up
+
         gateway = Gateway(settings, bootstrap, args.score_url, keys[0])
         started = time.monotonic()
         asyncio.run(gateway.run(items, schedule))
