@@ -48,7 +48,7 @@ from stream_ml.features.vector import VectorBuilder
 from stream_ml.registry import Registry
 from stream_ml.serving import metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
-from stream_ml.serving.http import EarlyAnswer
+from stream_ml.serving.http import EarlyAnswer, RawHeaders
 from stream_ml.serving.model import ScoringModel, default_model, load_model
 from stream_ml.serving.options import ServeOptions
 from stream_ml.serving.predictions import PredictionSink
@@ -552,9 +552,6 @@ async def _send_json(send: Send, status: int, content: Any, headers: dict[str, s
     raw, body = _json_answer(content, headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
-
-
-RawHeaders = list[tuple[bytes, bytes]]
 
 
 def _overload(exc: Overloaded) -> tuple[str, dict[str, str]]:

@@ -21,8 +21,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+RawHeaders = list[tuple[bytes, bytes]]  # as ASGI carries them: lower-case names, latin-1 values
 # (method, path and query) -> None to let the call through, or (status, headers, body) to answer it.
-EarlyAnswer = Callable[[bytes, bytes], tuple[int, list[tuple[bytes, bytes]], bytes] | None]
+EarlyAnswer = Callable[[bytes, bytes], tuple[int, RawHeaders, bytes] | None]
 
 
 class _WritesPerTurn:
