@@ -1,16 +1,17 @@
 """The scorer's connection sends an answer's head and body in one write, and answers the calls its
-hook refuses before they reach the app (see tests/test_serving.py for the same protocol under the
-real scorer)."""
+route takes without the app: at once, or once their body is in (see tests/test_serving.py for the
+same protocol under the real scorer)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import uvicorn
 import uvloop
 from uvicorn.server import ServerState
 
-from stream_ml.serving.http import _WritesPerTurn, protocol
+from stream_ml.serving.http import Answer, OnBody, RawHeaders, Reply, _WritesPerTurn, protocol
 
 
 class _Recorder:
@@ -63,15 +64,25 @@ def test_closing_sends_what_is_held_first_and_nothing_after() -> None:
     assert uvloop.run(scenario()) == [("send", b"HTTP/1.1 400 Bad Request\r\n\r\n"), ("close", b"")]
 
 
-def _early(method: bytes, target: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+def _route(method: bytes, target: bytes, headers: RawHeaders) -> Answer | OnBody | None:
     if method == b"POST" and target == b"/refuse":
         return 503, [(b"content-length", b"4"), (b"retry-after", b"1")], b"busy"
+    if method == b"POST" and target == b"/later":  # answered from a later callback, as a batch is
+
+        def on_body(body: bytes, reply: Reply) -> None:
+            answer = b"took " + body
+            asyncio.get_running_loop().call_later(
+                0.05, reply, 200, [(b"content-length", str(len(answer)).encode())], answer
+            )
+
+        return on_body
     return None
 
 
-def _exchange(*steps: tuple[bytes, int]) -> tuple[list[bytes], list[tuple[str, bytes]]]:
-    """Each step's bytes sent on one connection to a real server with the early hook, then its
-    number of answers read back; returns the answers and the calls the app saw."""
+def _exchange(*steps: tuple[bytes | None, int]) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    """Each step's bytes sent on one connection to a real server with :func:`_route`, then its
+    number of answers read back (bytes None: the caller hangs up, and calls again 0.1 s later);
+    returns the answers and the calls the app saw."""
     seen: list[tuple[str, bytes]] = []
 
     async def app(scope, receive, send) -> None:
@@ -85,7 +96,7 @@ def _exchange(*steps: tuple[bytes, int]) -> tuple[list[bytes], list[tuple[str, b
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def scenario() -> list[bytes]:
-        config = uvicorn.Config(app, http=protocol(_early), lifespan="off", log_level="warning")
+        config = uvicorn.Config(app, http=protocol(_route), lifespan="off", log_level="warning")
         config.load()
         state = ServerState()
         state.default_headers = [(b"server", b"test")]  # as uvicorn's server sets them (date too)
@@ -98,8 +109,15 @@ def _exchange(*steps: tuple[bytes, int]) -> tuple[list[bytes], list[tuple[str, b
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         got: list[bytes] = []
         for raw, answers in steps:
+            if raw is None:
+                writer.close()
+                await asyncio.sleep(0.1)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
             writer.write(raw)
             got += await _answers(reader, answers)
+        with contextlib.suppress(TimeoutError):  # the server closed it, or keeps it open
+            got += [b"<closed>"] if await asyncio.wait_for(reader.read(1), 0.2) == b"" else []
         writer.close()
         server.close()
         return got
@@ -140,3 +158,29 @@ def test_calls_the_connection_cannot_answer_early_go_to_the_app() -> None:
     waiting = b"POST /refuse HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n"
     answers, seen = _exchange((waiting + b"y", 1))
     assert answers[0].startswith(b"HTTP/1.1 200") and seen == [("/refuse", b"y")]
+
+
+def test_a_call_taken_for_its_body_is_answered_later_and_a_pipelined_call_waits_its_turn() -> None:
+    later = b"POST /later HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+    passed = b"POST /ok HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+
+    answers, seen = _exchange((later + passed, 2), (later, 1))
+
+    assert answers[0].startswith(b"HTTP/1.1 200") and answers[0].endswith(b"\r\n\r\ntook hello")
+    assert b"\r\nserver: test\r\n" in answers[0]
+    assert answers[1].endswith(b"ok") and answers[2].endswith(b"took hello")  # in the order sent
+    assert seen == [("/ok", b"abc")]
+
+
+def test_a_taken_call_that_asks_to_close_is_answered_then_closed() -> None:
+    closing = b"POST /later HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi"
+    answers, seen = _exchange((closing, 1))
+    assert b"\r\nconnection: close\r\n" in answers[0] and answers[0].endswith(b"took hi")
+    assert answers[1:] == [b"<closed>"] and seen == []
+
+
+def test_a_caller_gone_before_its_answer_leaves_the_server_serving() -> None:
+    later = b"POST /later HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx"
+    # hung up with the answer still due (in 0.05 s): it is dropped, and the server serves on
+    answers, seen = _exchange((later, 0), (None, 0), (later, 1))
+    assert len(answers) == 1 and answers[0].endswith(b"took x") and seen == []

@@ -46,9 +46,8 @@ from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.store import FeatureStore
 from stream_ml.features.vector import VectorBuilder
 from stream_ml.registry import Registry
-from stream_ml.serving import metrics
+from stream_ml.serving import http, metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
-from stream_ml.serving.http import EarlyAnswer, RawHeaders
 from stream_ml.serving.model import ScoringModel, default_model, load_model
 from stream_ml.serving.options import ServeOptions
 from stream_ml.serving.predictions import PredictionSink
@@ -340,7 +339,9 @@ class RateLimiter:
         return (1.0 - tokens) / self.rate
 
 
-def create_app(scorer: Scorer) -> ASGIApp:
+def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
+    """The scorer's ASGI app, and the route that takes ``POST /score`` calls at the connection
+    (``http.protocol(route)``); served without the route, the app answers them itself."""
     options = scorer.options
     limiter = RateLimiter(options.rate_per_key)
     children: dict[tuple[str, ...], Any] = {}  # each label set's metric, looked up once
@@ -367,10 +368,15 @@ def create_app(scorer: Scorer) -> ASGIApp:
             )
         return given
 
-    async def read_body(headers: Headers, receive: Receive) -> Any:
+    def too_large(headers: Headers) -> HTTPError | None:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise HTTPError(413, f"body of {declared} bytes is over the limit of {options.max_body_bytes}")
+            return HTTPError(413, f"body of {declared} bytes is over the limit of {options.max_body_bytes}")
+        return None
+
+    async def read_body(headers: Headers, receive: Receive) -> bytes:
+        if error := too_large(headers):
+            raise error
         body = b""
         more = True
         while more:
@@ -381,6 +387,9 @@ def create_app(scorer: Scorer) -> ASGIApp:
             more = message.get("more_body", False)
             if len(body) > options.max_body_bytes:
                 raise HTTPError(413, f"body is over the limit of {options.max_body_bytes} bytes")
+        return body
+
+    def parse(headers: Headers, body: bytes) -> Any:
         kind = headers.get("content-type", "").split(";")[0].strip()
         msgpack_body = kind in ("application/msgpack", "application/x-msgpack")
         try:
@@ -419,20 +428,43 @@ def create_app(scorer: Scorer) -> ASGIApp:
         except Overloaded as exc:
             raise overloaded(exc) from None
 
-    async def score_one(fields: Any, until: float, started: float, admitted: bool = False) -> dict[str, Any]:
+    def begin(headers: Headers, started: float) -> float:
+        """A ``POST /score`` call's checks before its body; its deadline.
+
+        Under overload most calls are refused, so a refusal's cost decides whether the loop keeps
+        up: the capacity check comes first, before the key, the body and its JSON.
+        """
+        default = started + options.deadline_ms / 1000
+        admit(default)
+        check(headers)
+        until = deadline(headers, started)
+        if until < default:
+            admit(until)
+        return until
+
+    def transaction(fields: Any) -> Transaction:
         if not isinstance(fields, dict):
             raise HTTPError(422, "expected a transaction object")
         try:
-            tx = validate_transaction(fields)
+            return validate_transaction(fields)
         except InvalidMessage as exc:
             raise HTTPError(422, str(exc)) from None
-        try:
-            result = await scorer.batcher.submit(tx, until, admitted)
-        except Overloaded as exc:
-            raise overloaded(exc) from None
-        except DeadlineExceeded:
+
+    def refusal(exc: BaseException) -> HTTPError:
+        """The answer to a call its batch did not score."""
+        if isinstance(exc, HTTPError):
+            return exc
+        if isinstance(exc, Overloaded):
+            return overloaded(exc)
+        if isinstance(exc, DeadlineExceeded):
             count(metrics.REJECTED, "deadline")
-            raise HTTPError(503, "deadline passed before scoring", {"Retry-After": "0.05"}) from None
+            return HTTPError(503, "deadline passed before scoring", {"Retry-After": "0.05"})
+        if isinstance(exc, asyncio.CancelledError):
+            return HTTPError(503, "the scorer is stopping; retry on another", {"Retry-After": "1"})
+        log.error("a batch failed", exc_info=exc)
+        return HTTPError(500, f"the scorer failed on this call's batch ({type(exc).__name__}); see its log")
+
+    def answer(tx: Transaction, result: Scored, started: float) -> dict[str, Any]:
         return {
             "event_id": tx.event_id,
             "score": result.score,
@@ -444,38 +476,84 @@ def create_app(scorer: Scorer) -> ASGIApp:
             "latency_ms": round((time.monotonic() - started) * 1000, 3),
         }
 
-    async def score(scope: Scope, receive: Receive, send: Send) -> None:
-        """``POST /score`` as a bare ASGI app: the hot path, without Starlette's per-call layers.
+    def failed(exc: HTTPError, endpoint: str = "score") -> http.Answer:
+        count(metrics.RESPONSES, endpoint, str(exc.status))
+        return exc.status, *_json_answer({"error": str(exc)}, exc.headers)
 
-        Under overload most calls are refused, so a refusal's cost decides whether the loop keeps
-        up: the capacity check comes first, before the key, the body and its JSON.
-        """
+    def submit(headers: Headers, body: bytes, until: float) -> tuple[Transaction, asyncio.Future[Scored]]:
+        """A ``POST /score`` call's body, checked and queued: its transaction and its future."""
+        tx = transaction(parse(headers, body))
+        try:
+            return tx, scorer.batcher.enqueue(tx, until)
+        except Overloaded as exc:
+            raise overloaded(exc) from None
+
+    def outcome(tx: Transaction, future: asyncio.Future[Scored], started: float) -> http.Answer:
+        """The answer to a ``POST /score`` call, once its future is done."""
+        exc = refusal(asyncio.CancelledError()) if future.cancelled() else future.exception()
+        if exc is not None:
+            return failed(refusal(exc))
+        metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        count(metrics.RESPONSES, "score", "200")
+        return 200, *_json_answer(answer(tx, future.result(), started))
+
+    async def score(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /score`` as a bare ASGI app, for the calls the connection does not take."""
         started = time.monotonic()
         headers = Headers(scope=scope)
         try:
-            default = started + options.deadline_ms / 1000
-            admit(default)
-            check(headers)
-            until = deadline(headers, started)
-            if until < default:
-                admit(until)
-            body = await read_body(headers, receive)
-            answer = await score_one(body, until, started)
+            until = begin(headers, started)
+            tx, future = submit(headers, await read_body(headers, receive), until)
         except HTTPError as exc:
-            count(metrics.RESPONSES, "score", str(exc.status))
-            await _send_json(send, exc.status, {"error": str(exc)}, exc.headers)
-            return
+            status, raw, body = failed(exc)
         except _Disconnected:
             return
-        metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
-        count(metrics.RESPONSES, "score", "200")
-        await _send_json(send, 200, answer)
+        else:
+            with contextlib.suppress(Exception):
+                await future
+            status, raw, body = outcome(tx, future, started)
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    def route(method: bytes, target: bytes, raw: http.RawHeaders) -> http.Answer | http.OnBody | None:
+        """``POST /score`` taken by the connection (``http.protocol``): what :func:`score` does,
+        without a task, a scope or ASGI messages. Bodies without a length go to :func:`score`."""
+        if method != b"POST" or target.partition(b"?")[0] != b"/score":
+            return None
+        started = time.monotonic()
+        headers = Headers(raw=raw)
+        if headers.get("content-length") is None:
+            return None
+        try:
+            until = begin(headers, started)
+            if error := too_large(headers):
+                raise error
+        except HTTPError as exc:
+            return failed(exc)
+
+        def on_body(body: bytes, reply: http.Reply) -> None:
+            try:
+                tx, future = submit(headers, body, until)
+            except HTTPError as exc:
+                reply(*failed(exc))
+                return
+            future.add_done_callback(lambda done: reply(*outcome(tx, done, started)))
+
+        return on_body
+
+    async def score_one(fields: Any, until: float, started: float) -> dict[str, Any]:
+        tx = transaction(fields)
+        try:
+            result = await scorer.batcher.submit(tx, until, admitted=True)
+        except (Overloaded, DeadlineExceeded) as exc:
+            raise refusal(exc) from None
+        return answer(tx, result, started)
 
     async def score_batch(request: Request) -> Response:
         started = time.monotonic()
         try:
             check(request.headers)
-            body = await read_body(request.headers, request.receive)
+            body = parse(request.headers, await read_body(request.headers, request.receive))
             if not isinstance(body, list) or not body or len(body) > options.max_transactions_per_call:
                 raise HTTPError(
                     422, f"expected a list of 1 to {options.max_transactions_per_call} transactions"
@@ -483,7 +561,7 @@ def create_app(scorer: Scorer) -> ASGIApp:
             until = deadline(request.headers, started)
             admit(until, len(body))
             answers = await asyncio.gather(
-                *(score_one(f, until, started, admitted=True) for f in body), return_exceptions=True
+                *(score_one(f, until, started) for f in body), return_exceptions=True
             )
         except HTTPError as exc:
             count(metrics.RESPONSES, "score_batch", str(exc.status))
@@ -540,7 +618,7 @@ def create_app(scorer: Scorer) -> ASGIApp:
         else:
             await app(scope, receive, send)
 
-    return scorer_app
+    return scorer_app, route
 
 
 class _Disconnected(Exception):
@@ -558,37 +636,12 @@ def _overload(exc: Overloaded) -> tuple[str, dict[str, str]]:
     return f"overloaded: {exc}", {"Retry-After": f"{exc.retry_after_s:.3f}"}
 
 
-def _json_answer(content: Any, headers: dict[str, str] | None = None) -> tuple[RawHeaders, bytes]:
+def _json_answer(content: Any, headers: dict[str, str] | None = None) -> tuple[http.RawHeaders, bytes]:
     body = _encode_json(content).encode("utf-8")
     raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
     if headers:
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     return raw, body
-
-
-def early_refusal(scorer: Scorer) -> EarlyAnswer:
-    """``POST /score``'s overload refusal, for the HTTP connection to send before the call becomes
-    a task (``http.protocol``): the same check, answer and counts as the app's first step.
-
-    Measured at twice capacity: see the README's load test figures.
-    """
-    deadline_s = scorer.options.deadline_ms / 1000
-    rejected = metrics.REJECTED.labels("overload")
-    answered = metrics.RESPONSES.labels("score", "503")
-
-    def answer(method: bytes, target: bytes) -> tuple[int, RawHeaders, bytes] | None:
-        if method != b"POST" or target.partition(b"?")[0] != b"/score":
-            return None
-        try:
-            scorer.batcher.admit(time.monotonic() + deadline_s)
-        except Overloaded as exc:
-            rejected.inc()
-            answered.inc()
-            message, headers = _overload(exc)
-            return 503, *_json_answer({"error": message}, headers)
-        return None
-
-    return answer
 
 
 @contextlib.asynccontextmanager

@@ -199,15 +199,21 @@ class MicroBatcher(Generic[Item, Result]):
 
         ``admitted``: :meth:`admit` let it in with the rest of its call just now.
         """
+        return await self.enqueue(item, deadline_s, admitted)
+
+    def enqueue(self, item: Item, deadline_s: float, admitted: bool = False) -> asyncio.Future[Result]:
+        """:meth:`submit` without a coroutine: the future of ``item``'s result (or its refusal).
+
+        Raises :class:`Overloaded` at once, as :meth:`submit` does.
+        """
         if self._loop is None:
             raise RuntimeError("the batcher is not started: call start() in the running loop first")
         if not admitted:
             self.admit(deadline_s)
         future = self._loop.create_future()
-        pending: _Pending[Item, Result] = _Pending(item, deadline_s, time.monotonic(), future)
-        self._queue.append(pending)
+        self._queue.append(_Pending(item, deadline_s, time.monotonic(), future))
         self._wake.set()
-        return await pending.future
+        return future
 
     async def _dispatch(self) -> None:
         while True:

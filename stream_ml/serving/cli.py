@@ -145,7 +145,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from stream_ml.registry import Registry
-    from stream_ml.serving.app import Scorer, create_app, early_refusal
+    from stream_ml.serving.app import Scorer, create_app
     from stream_ml.serving.http import protocol
     from stream_ml.serving.model import production_model
     from stream_ml.serving.predictions import PredictionLog
@@ -193,12 +193,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         scorer.model.device,
         registry.root,
     )
+    app, route = create_app(scorer)
     uvicorn.run(
-        create_app(scorer),
+        app,
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http=protocol(early_refusal(scorer)),
+        http=protocol(route),
         log_level="warning",
         access_log=False,
     )

@@ -1,5 +1,5 @@
 """The HTTP connection: uvicorn's httptools protocol, with a response's head and body sent together,
-and calls the app refuses on sight answered before they become ASGI tasks.
+and a route the connection answers itself, without an ASGI task.
 
 uvicorn writes a response's status line and headers at ``http.response.start`` and its body at
 ``http.response.body``: two ``send()`` system calls per answer, as uvloop writes at once when its
@@ -7,10 +7,11 @@ buffer is empty. A system call costs ~10 µs in the sandbox these figures come f
 call made three of them (one read, two writes). Here the writes of one turn of the event loop
 are held and leave in one call at the next, as a TCP cork would send them.
 
-Under overload most calls are refused, and a refusal made by the app costs what a no-op call costs
-(a scope, a task, two ASGI messages): at twice its capacity the scorer spent its core refusing. An
-``early_answer`` hook sees each call's method and path once its headers are in, and may answer it
-there; the body that follows is read and dropped, and the call never reaches the app.
+A call through ASGI costs a scope, a task, a coroutine per layer and four messages; on this box
+that is more than the scorer's share of a batch. A :data:`Route` sees each call's method, target
+and headers once they are in, and may take the call: answer it at once (a refusal: the body that
+follows is dropped), or read its body and answer it later through a :data:`Reply`, from any
+callback of the loop. Calls it does not take go to the app as before.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 RawHeaders = list[tuple[bytes, bytes]]  # as ASGI carries them: lower-case names, latin-1 values
-# (method, path and query) -> None to let the call through, or (status, headers, body) to answer it.
-EarlyAnswer = Callable[[bytes, bytes], tuple[int, RawHeaders, bytes] | None]
+Answer = tuple[int, RawHeaders, bytes]  # status, headers (content-length included), body
+Reply = Callable[[int, RawHeaders, bytes], None]
+# Called once the body is in, with the reply to call once, then or later.
+OnBody = Callable[[bytes, Reply], None]
+# (method, target, headers) -> None: the app's call; an Answer: sent now; OnBody: the body is read for it.
+Route = Callable[[bytes, bytes, RawHeaders], Answer | OnBody | None]
 
 
 class _WritesPerTurn:
@@ -71,57 +76,102 @@ class _NoEvent:
         pass
 
 
-class _Answered:
-    """The cycle of a call answered early: complete, so the parser's body callbacks drop its body."""
+class _Taken:
+    """The cycle of a call the route took: what uvicorn's callbacks read and set on a cycle.
 
-    response_complete = True
-    keep_alive = True
-    disconnected = False
-    message_event = _NoEvent()  # what the connection sets when it is lost
+    While incomplete, the body gathers here and a pipelined call behind it waits, as behind an
+    ASGI call; once answered, what is left of the body is dropped.
+    """
 
+    __slots__ = ("body", "disconnected", "keep_alive", "on_body", "protocol", "response_complete")
+    message_event = _NoEvent()  # set by uvicorn when body arrives or the connection is lost
 
-_ANSWERED = _Answered()
+    def __init__(self, protocol: HttpProtocol, keep_alive: bool, on_body: OnBody | None) -> None:
+        self.protocol = protocol
+        self.keep_alive = keep_alive  # uvicorn's shutdown() clears it: close after the answer
+        self.on_body = on_body
+        self.body = bytearray()
+        self.disconnected = False
+        self.response_complete = False
+
+    def message_complete(self) -> None:
+        on_body, self.on_body = self.on_body, None
+        if on_body is not None:
+            on_body(bytes(self.body), self.reply)
+
+    def reply(self, status: int, headers: RawHeaders, body: bytes) -> None:
+        if self.response_complete:
+            raise RuntimeError("a call answered twice")
+        self.response_complete = True
+        protocol = self.protocol
+        transport = protocol.transport
+        if transport.is_closing():
+            return  # the caller has gone: nobody to answer
+        content = [STATUS_LINE[status]]
+        for name, value in [*protocol.server_state.default_headers, *headers]:
+            content += [name, b": ", value, b"\r\n"]
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        content += [b"\r\n", body]
+        transport.write(b"".join(content))
+        if not self.keep_alive:
+            transport.close()
+        protocol.on_response_complete()  # as an ASGI cycle's last send: keep-alive timer, next call
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol, sending each answer in one system call (``http=`` of uvicorn)."""
+    """uvicorn's ``httptools`` protocol, sending each answer in one system call, with ``route``
+    answering the calls it takes (``http=`` of uvicorn; see :func:`protocol`)."""
 
-    early_answer: EarlyAnswer | None = None
+    route: Route | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_WritesPerTurn(transport, self.loop))  # type: ignore[arg-type]
 
-    def on_headers_complete(self) -> None:
-        if self.early_answer is None or not self._may_answer_early():
-            super().on_headers_complete()
-            return
-        answer = self.early_answer(self.parser.get_method(), self.url)
-        if answer is None:
-            super().on_headers_complete()
-            return
-        status, headers, body = answer
-        content = [STATUS_LINE[status]]
-        for name, value in [*self.server_state.default_headers, *headers]:
-            content += [name, b": ", value, b"\r\n"]
-        content += [b"\r\n", body]
-        self.cycle = _ANSWERED  # type: ignore[assignment]
-        self.transport.write(b"".join(content))
-        self.on_response_complete()  # as a cycle's last send does: keep-alive timer, next call
+    def on_message_begin(self) -> None:
+        # uvicorn's, less the ASGI scope: made in on_headers_complete for the calls the app gets.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
 
-    def _may_answer_early(self) -> bool:
-        # Only where the answer can go now and the connection stay as it is: no answer of an
-        # earlier pipelined call pending, keep-alive HTTP/1.1, and no body held back for a 100.
+    def on_headers_complete(self) -> None:
+        if self.route is not None and self._may_take():
+            taken = self.route(self.parser.get_method(), self.url, self.headers)
+            if taken is not None:
+                keep_alive = self.parser.should_keep_alive()
+                if callable(taken):
+                    self.cycle = _Taken(self, keep_alive, taken)  # type: ignore[assignment]
+                else:
+                    self.cycle = cycle = _Taken(self, keep_alive, None)  # type: ignore[assignment]
+                    cycle.reply(*taken)
+                return
+        # The app's call: uvicorn's scope, as its on_message_begin makes it, over what was read.
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect_100_continue
+        self.scope["headers"] = headers
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is _Taken:
+            cycle.message_complete()
+        else:
+            super().on_message_complete()
+
+    def _may_take(self) -> bool:
+        # Only where the answer can go when ready: no answer of an earlier pipelined call pending,
+        # HTTP/1.1, and no body held back for a 100 Continue.
         return (
             (self.cycle is None or self.cycle.response_complete)
             and not self.expect_100_continue
             and self.parser.get_http_version() == "1.1"
-            and self.parser.should_keep_alive()
             and not self.parser.should_upgrade()
         )
 
 
-def protocol(early_answer: EarlyAnswer | None) -> type[HttpProtocol]:
-    """:class:`HttpProtocol` with ``early_answer`` (uvicorn takes a class, and makes one per connection)."""
-    if early_answer is None:
+def protocol(route: Route | None) -> type[HttpProtocol]:
+    """:class:`HttpProtocol` with ``route`` (uvicorn takes a class, and makes one per connection)."""
+    if route is None:
         return HttpProtocol
-    return type("HttpProtocol", (HttpProtocol,), {"early_answer": staticmethod(early_answer)})
+    return type("HttpProtocol", (HttpProtocol,), {"route": staticmethod(route)})
