@@ -132,6 +132,7 @@ class Scorer:
             on_batch=metrics.observe_batch,
         )
         self.predictions = predictions  # None: no broker configured, nothing logged
+        self._feature_read_s = options.redis_timeout_ms / 1000  # measured at start
         self.ready = False
 
     async def start(self) -> None:
@@ -140,6 +141,7 @@ class Scorer:
         if self.predictions is not None:
             self.predictions.start()
         # Warm every batch size bucket the batcher can form before saying ready.
+        self._feature_read_s = await self._warm_up_store()
         self._set_prior(self._warm_up(self.model))
         MODEL_INFO.labels("production", self.model.version).set(1)
         gc.collect()
@@ -171,11 +173,30 @@ class Scorer:
             size *= 2
         return timings
 
+    async def _warm_up_store(self) -> float:
+        """Open the Redis connection and time one feature read (of ids no entity has).
+
+        The first batch would otherwise pay the connection, and its timing would teach the cost
+        model that a batch takes that long: the first calls of a fresh scorer were refused. With
+        Redis down, the answer is the timeout, which the batches will wait for.
+        """
+        timeout = self.options.redis_timeout_ms / 1000
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.store.load_columns({entity: ["warm-up"] for entity in self.builder.layouts})
+                started = time.perf_counter()  # the connection is open: time a read alone
+                await self.store.load_columns({entity: ["warm-up"] for entity in self.builder.layouts})
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            log.warning("the feature store does not answer at start (%s): answers will be degraded", exc)
+            return timeout
+        return time.perf_counter() - started
+
     def _set_prior(self, timings: list[tuple[int, float]]) -> None:
-        # The batcher's cost prior: the model's measured cost, plus the feature read's share.
+        # The batcher's cost prior: the model's measured cost, plus the feature read's.
         (n1, t1), (n2, t2) = timings[0], timings[-1]
         per_item = max((t2 - t1) / max(n2 - n1, 1), 0.0) + FEATURE_SECONDS_PER_CALL
-        self.batcher.cost.prior(per_item, t1 + self.options.redis_timeout_ms / 2000, self.options.max_batch)
+        self.batcher.cost.prior(per_item, t1 + self._feature_read_s, self.options.max_batch)
 
     def _load(self, version: str) -> tuple[ScoringModel, list[tuple[int, float]]]:
         """Load and warm up a version: runs in a worker thread, never on the event loop."""

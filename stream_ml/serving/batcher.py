@@ -23,7 +23,7 @@ Result = TypeVar("Result")
 # what the queue cannot see (the wait in the socket before the call is read, the answer's write)
 # and for the prediction's error: filling the whole deadline, overloaded scorers answered the
 # calls they took in 52 ms (p50) against a 50 ms deadline.
-QUEUE_SHARE = 0.5
+QUEUE_SHARE = 0.35
 # Turns of the event loop the batcher lets pass before it takes a batch, while the loop keeps up
 # and the queue holds less than a batch: the answers of the batch just scored leave, and the calls
 # that arrived meanwhile are read and join the next batch instead of waiting a whole batch for the
