@@ -482,8 +482,8 @@ def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
             return HTTPError(503, "deadline passed before scoring", {"Retry-After": "0.05"})
         if isinstance(exc, asyncio.CancelledError):
             return HTTPError(503, "the scorer is stopping; retry on another", {"Retry-After": "1"})
-        log.error("a batch failed", exc_info=exc)
-        return HTTPError(500, f"the scorer failed on this call's batch ({type(exc).__name__}); see its log")
+        log.error("scoring a call failed", exc_info=exc)
+        return HTTPError(500, f"the scorer failed on this call ({type(exc).__name__}); see its log")
 
     def answer(tx: Transaction, result: Scored, started: float) -> dict[str, Any]:
         return {
@@ -511,12 +511,16 @@ def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
 
     def outcome(tx: Transaction, future: asyncio.Future[Scored], started: float) -> http.Answer:
         """The answer to a ``POST /score`` call, once its future is done."""
-        exc = refusal(asyncio.CancelledError()) if future.cancelled() else future.exception()
+        exc = asyncio.CancelledError() if future.cancelled() else future.exception()
         if exc is not None:
+            return failed(refusal(exc))
+        try:
+            raw, body = _json_answer(answer(tx, future.result(), started))
+        except Exception as exc:  # a score JSON cannot carry (NaN): answered all the same, logged
             return failed(refusal(exc))
         metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
         count(metrics.RESPONSES, "score", "200")
-        return 200, *_json_answer(answer(tx, future.result(), started))
+        return 200, raw, body
 
     async def score(scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /score`` as a bare ASGI app, for the calls the connection does not take."""
