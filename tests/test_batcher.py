@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stream_ml.serving import batcher
-from stream_ml.serving.batcher import MicroBatcher, Overloaded
+from stream_ml.serving.batcher import QUEUE_SHARE, MicroBatcher, Overloaded
 
 
 def _batcher(run_s: float) -> MicroBatcher[int, int]:
@@ -73,7 +73,7 @@ def test_a_call_that_queued_work_would_make_late_is_refused_at_once() -> None:
     asyncio.run(scenario())
 
 
-def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() -> None:
+def test_a_call_gets_in_while_its_predicted_wait_is_within_its_share_of_its_time_left() -> None:
     # The rest of a call's time is for what the queue cannot see (the socket, the answer's write).
     async def scenario() -> None:
         b = _started_at_50_ms_a_batch(0.05)
@@ -82,9 +82,9 @@ def test_a_call_gets_in_while_its_predicted_wait_is_within_half_its_time_left() 
             await asyncio.sleep(0.01)  # one batch runs, nothing queued
             wait = b.expected_wait_s()
             assert wait > 0.05
-            b.admit(time.monotonic() + 2 * wait + 0.01)
+            b.admit(time.monotonic() + wait / QUEUE_SHARE + 0.01)
             with pytest.raises(Overloaded):
-                b.admit(time.monotonic() + 2 * wait - 0.01)
+                b.admit(time.monotonic() + wait / QUEUE_SHARE - 0.01)
             await asyncio.gather(*running)
         finally:
             await b.stop()
