@@ -192,6 +192,35 @@ def test_bad_input_gets_a_clear_4xx(server: Server):
     assert status == 413
 
 
+def test_calls_the_connection_does_not_take_are_scored_by_the_app(server: Server):
+    """A chunked body (no length to check at the headers) and HTTP/1.0 go to the app's /score."""
+    import http.client
+    import socket
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    headers = {"Content-Type": "application/json", "X-API-Key": KEY}
+    conn.request("POST", "/score", body=iter([json.dumps(TX).encode()]), headers=headers, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["event_id"] == "e1"
+    conn.request("POST", "/score", body=iter([b"x" * 70_000]), headers=headers, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    conn.close()
+
+    body = json.dumps({**TX, "amount": "abc"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /score HTTP/1.0\r\nContent-Type: application/json\r\nX-API-Key: "
+            + KEY.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 422") and b"field amount" in answer
+
+
 def test_every_answer_is_counted_by_status(server: Server):
     def counts() -> dict[str, float]:
         lines = server.get("/metrics")[1]["text"].splitlines()

@@ -551,10 +551,10 @@ def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
             return None
         try:
             until = begin(headers, started)
-            if error := too_large(headers):
-                raise error
         except HTTPError as exc:
             return failed(exc)
+        if error := too_large(headers):
+            return failed(error)
 
         def on_body(body: bytes, reply: http.Reply) -> None:
             try:

@@ -128,28 +128,15 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_WritesPerTurn(transport, self.loop))  # type: ignore[arg-type]
 
-    def on_message_begin(self) -> None:
-        # uvicorn's, less the ASGI scope: made in on_headers_complete for the calls the app gets.
-        self.url = b""
-        self.expect_100_continue = False
-        self.headers = []
-
     def on_headers_complete(self) -> None:
         if self.route is not None and self._may_take():
             taken = self.route(self.parser.get_method(), self.url, self.headers)
             if taken is not None:
-                keep_alive = self.parser.should_keep_alive()
-                if callable(taken):
-                    self.cycle = _Taken(self, keep_alive, taken)  # type: ignore[assignment]
-                else:
-                    self.cycle = cycle = _Taken(self, keep_alive, None)  # type: ignore[assignment]
-                    cycle.reply(*taken)
+                on_body = taken if callable(taken) else None
+                self.cycle = cycle = _Taken(self, self.parser.should_keep_alive(), on_body)  # type: ignore[assignment]
+                if on_body is None:
+                    cycle.reply(*taken)  # type: ignore[misc]
                 return
-        # The app's call: uvicorn's scope, as its on_message_begin makes it, over what was read.
-        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
-        super().on_message_begin()
-        self.url, self.headers, self.expect_100_continue = url, headers, expect_100_continue
-        self.scope["headers"] = headers
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
