@@ -141,6 +141,16 @@ def test_every_feature_matches_the_oracle_at_random_times(seed, fs):
         stored = layout.decode_many(layout.encode_many([states[k] for k in keys]))
         for t in times[:4]:
             assert layout.read_many(stored, [t] * len(keys)) == [layout.read(states[k], t) for k in keys]
+    # ... and decoded straight into columns, as the scorer reads them: one blob read by two rows,
+    # a row with none.
+    for entity, layout in L.items():
+        keys = [k for k in states if k[0] == entity]
+        blobs = layout.encode_many([states[k] for k in keys])
+        which = [*range(len(keys)), 0, -1]
+        for t in times[:4]:
+            want = [layout.read(states[k], t) for k in keys]
+            got = layout.read_columns(layout.decode_columns(blobs, which), np.full(len(which), t))
+            assert got.tolist() == [*want, want[0], [f.default for f in layout.features]]
 
 
 def test_stored_distinct_values_read_like_the_dicts_they_were():

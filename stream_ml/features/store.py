@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from stream_ml.features.definitions import FeatureSet
-from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, layouts
+from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, StateColumns, layouts
 
 EntityKey = tuple[str, str]  # (entity type, id)
 SCRIPT_KEYS = 500  # keys set by one script: ~2 ms of Redis, which serves no other client meanwhile
@@ -84,30 +84,39 @@ class FeatureStore:
         ids: dict[str, list[str]] = {}
         for entity, entity_id in keys:
             ids.setdefault(entity, []).append(entity_id)
-        columns = await self.load_columns(ids, writable)
-        return {(e, i): s for e, column in ids.items() for i, s in zip(column, columns[e], strict=True)}
+        found = await self._fetch(ids)
+        loaded: dict[EntityKey, EntityState | None] = {}
+        for entity, by_id in found.items():
+            decoded = self.layouts[entity].decode_many([b for b in by_id.values() if b is not None], writable)
+            states = iter(decoded)
+            loaded.update(((entity, i), None if b is None else next(states)) for i, b in by_id.items())
+        return loaded
 
-    async def load_columns(
-        self, ids: Mapping[str, Sequence[str | None]], writable: bool = False
-    ) -> dict[str, list[EntityState | None]]:
-        """Per entity type, the state of each of ``ids[entity]``, in order: one MGET for all.
+    async def load_columns(self, ids: Mapping[str, Sequence[str | None]]) -> dict[str, StateColumns]:
+        """Per entity type, the states that ``ids[entity]`` reads, to read: one MGET for all.
 
-        None where an id is None or its entity has no state yet. An id listed many times (a busy
+        No state where an id is None or its entity has none yet. An id listed many times (a busy
         merchant in a batch) is fetched and decoded once.
         """
+        columns: dict[str, StateColumns] = {}
+        for entity, by_id in (await self._fetch(ids)).items():
+            held = {i: n for n, i in enumerate(i for i, b in by_id.items() if b is not None)}
+            which = [held.get(i, -1) if i is not None else -1 for i in ids[entity]]  # type: ignore[arg-type]
+            blobs = [b for b in by_id.values() if b is not None]
+            columns[entity] = self.layouts[entity].decode_columns(blobs, which)
+        return columns
+
+    async def _fetch(self, ids: Mapping[str, Sequence[str | None]]) -> dict[str, dict[str, bytes | None]]:
+        """Per entity type, each distinct id of ``ids[entity]`` and its blob (None: no state)."""
         wanted = {e: list(dict.fromkeys(i for i in column if i is not None)) for e, column in ids.items()}
         keys = [self.key(entity, i) for entity, unique in wanted.items() for i in unique]
         blobs: list = await self._call("MGET", *keys) if keys else []  # type: ignore[assignment]
-        columns: dict[str, list[EntityState | None]] = {}
+        found: dict[str, dict[str, bytes | None]] = {}
         at = 0
         for entity, unique in wanted.items():
-            mine = blobs[at : at + len(unique)]
+            found[entity] = dict(zip(unique, blobs[at : at + len(unique)], strict=True))
             at += len(unique)
-            found = [(i, b) for i, b in zip(unique, mine, strict=True) if b is not None]
-            decoded = self.layouts[entity].decode_many([b for _, b in found], writable)
-            by_id = dict(zip([i for i, _ in found], decoded, strict=True))
-            columns[entity] = [by_id.get(i) for i in ids[entity]]  # type: ignore[arg-type]
-        return columns
+        return found
 
     def prepare(
         self,

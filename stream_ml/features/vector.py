@@ -12,7 +12,7 @@ import numpy as np
 
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import ENTITIES, Feature, FeatureSet
-from stream_ml.features.state import EntityState, Layout, in_window, layouts
+from stream_ml.features.state import EntityState, Layout, StateColumns, in_window, layouts
 
 _DAY_MS = 86_400_000
 _HOUR_MS = 3_600_000
@@ -74,31 +74,31 @@ class VectorBuilder:
         as_of: Sequence[int],
     ) -> np.ndarray:
         """:meth:`build_many` as a float64 array: each feature is computed for the whole batch at once."""
-        return self.build_columns({e: [s.get(e) for s in states] for e in self.layouts}, txs, as_of)
+        return self.build_columns(
+            {e: layout.columns([s.get(e) for s in states]) for e, layout in self.layouts.items()}, txs, as_of
+        )
 
     def build_columns(
         self,
-        states: Mapping[str, Sequence[EntityState | None]],
+        states: Mapping[str, StateColumns],
         txs: Sequence[Transaction],
         as_of: Sequence[int],
     ) -> np.ndarray:
-        """:meth:`build_array` from the states by entity type: ``states[entity][row]`` is row's state.
+        """:meth:`build_array` from the states by entity type, side by side (``Layout.columns``,
+        or as the store reads them: ``FeatureStore.load_columns``).
 
         An entity type missing from ``states`` reads as no state for every row (a degraded score).
         """
         out = np.empty((len(txs), len(self.names)), dtype=np.float64)
         if not txs:
             return out
-        none = [None] * len(txs)
+        t = np.asarray(as_of, dtype=np.int64)
+        nothing = StateColumns.none(len(txs))
         for entity, layout in self.layouts.items():
-            out[:, self.columns[entity]] = layout.read_array(states.get(entity, none), as_of)
+            out[:, self.columns[entity]] = layout.read_columns(states.get(entity, nothing), t)
         last_seen = {
-            name: np.array(
-                [
-                    layout.last_seen(s, feature, getattr(tx, field))
-                    for s, tx in zip(states.get(layout.entity, none), txs, strict=True)
-                ],
-                dtype=np.int64,
+            name: layout.last_seen(
+                states.get(layout.entity, nothing), feature, [getattr(tx, field) for tx in txs]
             )
             for name, layout, feature, field in self.novelty
         }
@@ -107,7 +107,7 @@ class VectorBuilder:
             np.array([tx.amount for tx in txs], dtype=np.float64),
             np.array([tx.event_time for tx in txs], dtype=np.int64),
             [tx.channel for tx in txs],
-            np.asarray(as_of, dtype=np.int64),
+            t,
             last_seen,
         )
         return out
