@@ -48,7 +48,10 @@ def model_input(vectors: list[list[float]] | list[Sequence[float]]) -> np.ndarra
     The one definition of that rule: the scorer uses it, and so do the online learners, which
     must learn from exactly what is served (±inf become the float32 extremes, as in torch).
     """
-    return np.nan_to_num(np.asarray(vectors, dtype=np.float32), nan=0.0)
+    x = np.array(vectors, dtype=np.float32)
+    if not np.isfinite(x).all():  # rare: nan_to_num's five passes cost ~15 µs even on a clean batch
+        np.nan_to_num(x, copy=False, nan=0.0)
+    return x
 
 
 class FraudMLP(nn.Module):
