@@ -340,3 +340,36 @@ def test_a_set_over_the_cap_is_cut_back_to_its_newest_values_an_eighth_later():
     s = layout.decode(layout.encode(s), writable=True)
     assert set(s.distinct[0]) == {f"c{i}" for i in range(200, DISTINCT_CAP + 200)}  # the newest kept
     assert layout.read(s, T0 + (DISTINCT_CAP + 200) * 1000) == [float(DISTINCT_CAP)]
+
+
+def test_a_vector_reads_every_entity_type_in_one_pass_as_each_layout_reads_its_own():
+    """VectorBuilder merges the layouts' read plans: the same values as each layout's read, with
+    entities missing (no device, an unknown card), busy ones read by many rows, large sets."""
+    builder = VectorBuilder(FRAUD_FEATURES)
+    rng = random.Random(11)
+    stream = _random_stream(rng, 3000)
+    start = stream[-1].event_time
+    stream += [  # a shop terminal: a large set of cards
+        Transaction(f"t{i}", start + i * 1000, f"x{i}", "m1", 9.0, "EUR", "FR", "pos", "terminal")
+        for i in range(60)
+    ]
+    states: dict[tuple[str, str], object] = {}
+    for offset, tx in enumerate(stream):
+        for entity, layout in builder.layouts.items():
+            entity_id = builder.entity_ids(tx)[entity]
+            if entity_id is not None:
+                state = states.setdefault((entity, entity_id), layout.new())
+                values = tuple(getattr(tx, f) for f in layout.fields["transactions"])
+                layout.apply(state, "transactions", tx.event_time, values, "t0", offset)  # type: ignore[arg-type]
+    stored = {k: builder.layouts[k[0]].decode(builder.layouts[k[0]].encode(s)) for k, s in states.items()}
+    assert any(len(d) > 32 for s in stored.values() for d in s.distinct)  # StoredValues among them
+    end = max(tx.event_time for tx in stream)
+    txs = [dataclasses.replace(tx, event_time=end + rng.randrange(3 * DAY)) for tx in rng.sample(stream, 40)]
+    txs[3] = dataclasses.replace(txs[3], card_id="never-seen", device_id=None)
+    rows = [{e: stored.get((e, i)) if i else None for e, i in builder.entity_ids(tx).items()} for tx in txs]
+    as_of = [tx.event_time for tx in txs]
+    got = builder.build_array(rows, txs, as_of)
+    for entity, layout in builder.layouts.items():
+        want = layout.read_array([r[entity] for r in rows], as_of)
+        np.testing.assert_array_equal(got[:, builder.columns[entity]], want)
+    assert (got[3, builder.columns["card"]] == builder.layouts["card"].defaults).all()

@@ -26,6 +26,7 @@ from array import array
 from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, Sequence, ValuesView
 from dataclasses import dataclass
 from operator import attrgetter
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import msgpack
@@ -47,6 +48,7 @@ _INF = math.inf
 NEVER = -(1 << 62)  # the time of what was never seen: outside every window
 
 
+_NOTHING_SEEN: Mapping[str, int] = MappingProxyType({})  # the distinct values of an entity with no state
 _SEP = b"\xff"  # between stored distinct values: a byte that UTF-8 never contains
 # Sets of distinct values up to this size are stored as msgpack maps, cheapest to write and read
 # while small; larger ones (a shop terminal's cards) as StoredValues, which reading never unpacks.
@@ -224,22 +226,16 @@ class EntityState:
 class StateColumns:
     """The states a batch of reads reads, side by side: what :meth:`Layout.read_columns` takes.
 
-    ``rows``: the reads that have a state (in order); the others read as the features' defaults.
-    The other fields hold one entry per row of ``rows``. The scorer decodes its blobs straight
-    into this form (:meth:`Layout.decode_columns`): no state object per entity, and the tiles of
-    the whole batch are one array from the start.
+    One entry per read; a read whose entity has no state holds an empty one (``present`` False)
+    and gets the features' defaults. The scorer decodes its blobs straight into this form
+    (:meth:`Layout.decode_columns`): no state object per entity, and the tiles of the whole
+    batch are one array from the start.
     """
 
-    reads: int  # reads in all, with a state or not
-    rows: np.ndarray  # intp: the reads with a state
-    tiles: np.ndarray  # float64, (len(rows), len(Layout.empty_tiles)): EntityState.tiles
-    distinct: list[list[Mapping[str, int]]]  # per set of distinct values, per row: EntityState.distinct
-    last: np.ndarray  # int64, (len(rows), since-last sources): EntityState.last
-
-    @classmethod
-    def none(cls, reads: int) -> StateColumns:
-        """No state for any of ``reads`` reads."""
-        return cls(reads, np.empty(0, np.intp), np.empty((0, 0)), [], np.empty((0, 0), np.int64))
+    present: np.ndarray  # bool, per read: whether its entity has a state
+    tiles: np.ndarray  # float64, (reads, len(Layout.empty_tiles)): EntityState.tiles
+    distinct: list[list[Mapping[str, int]]]  # per set of distinct values, per read: EntityState.distinct
+    last: np.ndarray  # int64, (reads, since-last sources): EntityState.last
 
 
 class WindowStats(NamedTuple):
@@ -249,6 +245,157 @@ class WindowStats(NamedTuple):
     total: np.ndarray
     low: np.ndarray
     high: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """The numpy operations that read stored features out of states, and the columns they fill.
+
+    A layout's plan fills its features' columns. Plans merged side by side (:meth:`merged`)
+    read the states of several entity types in one pass: a numpy call costs a few µs, and a
+    pass makes the same few dozen calls whatever the batch size, so a scorer's batch of a few
+    calls paid them once per entity type.
+    """
+
+    tile_ms: np.ndarray  # int64, per numeric series: the width of its tiles
+    min_series: np.ndarray  # intp: the series whose minima a feature reads
+    max_series: np.ndarray  # ... and maxima
+    numeric: tuple[tuple[str, np.ndarray, np.ndarray, np.ndarray], ...]  # (agg, columns, series, defaults)
+    distinct: tuple[np.ndarray, np.ndarray, np.ndarray]  # columns, tile_ms, set of values counted
+    since_last: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # columns, source, cap (s), default
+
+    def read(
+        self,
+        tiles: np.ndarray,
+        distinct: list[list[Mapping[str, int]]],
+        last: np.ndarray,
+        t: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        """Every feature of the plan into its column of ``out``, as of ``t`` (see
+        :class:`StateColumns` for the other arguments, one row per read)."""
+        if len(self.tile_ms):
+            self.fill_numeric(out, self.window_stats(tiles, t))
+        if len(self.distinct[0]):
+            out[:, self.distinct[0]] = self.distinct_counts(distinct, t)
+        columns, source, cap, default = self.since_last
+        if len(columns):
+            out[:, columns] = since_last(last[:, source], t[:, None], cap, default)
+
+    def window_stats(self, tiles: np.ndarray, t: np.ndarray) -> WindowStats:
+        """Count, sum, min and max of each numeric series over the window ending at ``t``.
+
+        ``tiles``: one row per read (an :class:`EntityState`'s tiles, or several side by side).
+        Returns four arrays of shape (reads, series).
+        """
+        tiles = tiles.reshape(len(t), len(self.tile_ms), TILES, SLOT)
+        k = t[:, None] // self.tile_ms[None, :]  # each row's tile, per series
+        held = tiles[..., 0]
+        inside = (held > (k - TILES)[..., None]) & (held <= k[..., None])
+        weight = inside.astype(np.float64)  # a product and sum in one pass: ~3x np.where(...).sum()
+        count = np.einsum("nsk,nsk->ns", tiles[..., 1], weight)
+        total = np.einsum("nsk,nsk->ns", tiles[..., 2], weight)
+        # minima and maxima only of the series a feature reads them of (one of the card's five)
+        low = np.full(count.shape, _INF)
+        high = np.full(count.shape, -_INF)
+        if len(self.min_series):
+            at = self.min_series
+            low[:, at] = np.where(inside[:, at], tiles[..., 3][:, at], _INF).min(-1)
+        if len(self.max_series):
+            at = self.max_series
+            high[:, at] = np.where(inside[:, at], tiles[..., 4][:, at], -_INF).max(-1)
+        return WindowStats(count, total, low, high)
+
+    def fill_numeric(self, out: np.ndarray, stats: WindowStats) -> None:
+        """The count, sum, mean, min and max features from :meth:`window_stats`, into ``out``.
+
+        ``out``: one row per read of ``stats``; its other columns are left as they are.
+        """
+        count, total, low, high = stats
+        for agg, columns, series, defaults in self.numeric:
+            c = count[:, series]
+            if agg == "count":
+                out[:, columns] = c
+                continue
+            if agg == "sum":
+                values = total[:, series]
+            elif agg == "mean":
+                values = total[:, series] / np.maximum(c, 1.0)
+            else:
+                values = (low if agg == "min" else high)[:, series]
+            out[:, columns] = np.where(c > 0, values, defaults)
+
+    def distinct_counts(self, sets: list[list[Mapping[str, int]]], t: np.ndarray) -> np.ndarray:
+        """Each read's distinct features as of ``t[read]`` (in the order of ``self.distinct``).
+
+        ``sets[index][read]``: the values of set ``index`` the read's entity has seen, with when.
+        One comparison per value and feature counting its set, for every set and read at once.
+        """
+        columns, tile_ms, counted = self.distinct
+        reads = len(t)
+        maps = [m for each in sets for m in each]  # set by set, read by read
+        sizes = [len(m) for m in maps]
+        last_seen = np.frombuffer(b"".join([_times_of(m) for m in maps]), dtype=np.int64)
+        owner = (np.arange(reads * len(sets)) % reads).repeat(sizes)
+        held_in = np.arange(len(sets)).repeat(reads).repeat(sizes)
+        # (value, feature) pairs: each value with each feature counting its set (a terminal's
+        # thousand cards are compared with one window, not with every distinct feature's)
+        per_set = np.bincount(counted, minlength=len(sets))
+        reps = per_set[held_in]
+        value = np.arange(len(held_in)).repeat(reps)
+        nth = np.arange(len(value)) - (np.cumsum(reps) - reps).repeat(reps)  # the pair's rank in its value's
+        feature = np.argsort(counted, kind="stable")[
+            ((np.cumsum(per_set) - per_set)[held_in]).repeat(reps) + nth
+        ]
+        start, end = window_bounds(t[:, None], tile_ms[None, :])  # per read and feature, not per value
+        row, seen = owner[value], last_seen[value]
+        inside = (seen >= start[row, feature]) & (seen < end[row, feature])
+        cells = (row * len(columns) + feature)[inside]
+        counts = np.bincount(cells, minlength=reads * len(columns)).reshape(reads, len(columns))
+        return saturated(counts.astype(np.float64))
+
+    @classmethod
+    def merged(cls, plans: Sequence[tuple[ReadPlan, np.ndarray, int, int]]) -> ReadPlan:
+        """``(plan, columns, sets, sources)`` side by side: plan ``i``'s column ``c`` becomes
+        ``columns[c]``, and its series, sets of distinct values (``sets`` of them) and since-last
+        sources (``sources``) come after those of the plans before it, as in
+        ``np.concatenate([tiles...], axis=1)``, the sets' lists added, the ``last`` columns
+        concatenated."""
+        series = set_base = source_base = 0
+        numeric: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        tile_ms, low, high, distinct, since = [], [], [], [], []
+        for plan, columns, sets, sources in plans:
+            tile_ms.append(plan.tile_ms)
+            low.append(plan.min_series + series)
+            high.append(plan.max_series + series)
+            for agg, cols, at, defaults in plan.numeric:
+                numeric.setdefault(agg, []).append((columns[cols], at + series, defaults))
+            cols, widths, counted = plan.distinct
+            distinct.append((columns[cols], widths, counted + set_base))
+            cols, source, cap, default = plan.since_last
+            since.append((columns[cols], source + source_base, cap, default))
+            series += len(plan.tile_ms)
+            set_base += sets
+            source_base += sources
+        return cls(
+            np.concatenate(tile_ms),
+            np.concatenate(low),
+            np.concatenate(high),
+            tuple((agg, *map(np.concatenate, zip(*parts, strict=True))) for agg, parts in numeric.items()),
+            tuple(map(np.concatenate, zip(*distinct, strict=True))),  # type: ignore[arg-type]
+            tuple(map(np.concatenate, zip(*since, strict=True))),  # type: ignore[arg-type]
+        )
+
+
+def _arrays(rows: Sequence[tuple], dtypes: tuple) -> tuple[np.ndarray, ...]:
+    """The columns of ``rows`` as arrays of ``dtypes`` (empty ones where there are no rows)."""
+    return tuple(np.array([r[i] for r in rows], dtype) for i, dtype in enumerate(dtypes))
+
+
+def since_last(last: np.ndarray, t: np.ndarray, cap: Any, default: Any) -> np.ndarray:
+    """Seconds since each latest event time (-1: none, then ``default``), capped at ``cap``."""
+    since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
+    return np.where(last < 0, default, since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,17 +457,10 @@ class Layout:
         self._series_aggs = {
             s.base: {f.agg for f in features if series.get(f.name) is s} for s in numeric.values()
         }
-        # the series whose minima or maxima a feature reads (positions in self._numeric)
-        self._min_series, self._max_series = (
-            np.array([n for n, s in enumerate(self._numeric) if agg in self._series_aggs[s.base]], np.intp)
-            for agg in ("min", "max")
-        )
         self._plan = {source: self._plan_for(source) for source in self.fields}
         self._empty = array("d", [-1.0, 0.0, 0.0, _INF, -_INF]) * (len(self._numeric) * TILES)
-        # (the read path repeats these with ndarray.repeat: np.tile's and np.repeat's Python
-        # wrappers cost ~5 µs a call, a tenth of a one-call batch's feature read over a dozen calls)
         self._defaults = np.array([f.default for f in features], dtype=np.float64)
-        self._tile_ms = np.array([s.tile_ms for s in self._numeric], dtype=np.int64)
+        self._no_last = [-1] * len(last)
         # The numeric reads (column, series position, default) grouped by aggregation: a read is then
         # a few numpy operations per kind, however many features (at a batch of one call, each
         # operation costs more than its data).
@@ -329,10 +469,10 @@ class Layout:
         for column, f in enumerate(features):
             if f.name in series:
                 grouped.setdefault(f.agg, []).append((column, position[id(series[f.name])], f.default))
-        self._numeric_by_agg: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        numeric_reads = []
         for agg, reads in grouped.items():
             columns, positions, defaults = zip(*reads, strict=True)
-            self._numeric_by_agg.append(
+            numeric_reads.append(
                 (agg, np.array(columns, np.intp), np.array(positions, np.intp), np.array(defaults))
             )
         # distinct counts, grouped by the values they read; since-last reads
@@ -347,11 +487,20 @@ class Layout:
             elif f.agg == "since_last":
                 self._since_last_reads.append((column, last[f.source], float(f.window_s), f.default))
         self._since_last_by_column = {read[0]: read for read in self._since_last_reads}
-        # every distinct feature's column, window tile and set of values: all counted in one pass
+        # the series whose minima or maxima a feature reads (positions in self._numeric)
+        min_series, max_series = (
+            np.array([n for n, s in enumerate(self._numeric) if agg in self._series_aggs[s.base]], np.intp)
+            for agg in ("min", "max")
+        )
         counted = [(c, w, index) for index, reads in self._distinct_reads.items() for c, w in reads]
-        self._distinct_columns = np.array([c for c, _, _ in counted], np.intp)
-        self._distinct_tile_ms = np.array([w for _, w, _ in counted], np.int64)
-        self._distinct_set = np.array([index for _, _, index in counted], np.intp)
+        self.read_plan = ReadPlan(
+            np.array([s.tile_ms for s in self._numeric], dtype=np.int64),
+            min_series,
+            max_series,
+            tuple(numeric_reads),
+            _arrays(counted, (np.intp, np.int64, np.intp)),  # type: ignore[arg-type]
+            _arrays(self._since_last_reads, (np.intp, np.intp, np.float64, np.float64)),  # type: ignore[arg-type]
+        )
 
     # What bulk code (replay's columnar states) needs to know of the layout.
     @property
@@ -512,16 +661,24 @@ class Layout:
 
     def columns(self, states: Sequence[EntityState | None]) -> StateColumns:
         """``states`` (None: no state) side by side, for :meth:`read_columns`."""
-        present = [s for s in states if s is not None]
-        rows = np.array([i for i, s in enumerate(states) if s is not None], dtype=np.intp)
         return StateColumns(
-            len(states),
-            rows,
-            np.frombuffer(b"".join([s.tiles for s in present]), dtype=np.float64).reshape(
-                len(rows), len(self._empty)
+            np.array([s is not None for s in states], dtype=bool),
+            np.frombuffer(
+                b"".join([self._empty if s is None else s.tiles for s in states]), dtype=np.float64
+            ).reshape(len(states), len(self._empty)),
+            [[_NOTHING_SEEN if s is None else s.distinct[d.index] for s in states] for d in self._distinct],
+            np.array([self._no_last if s is None else s.last for s in states], dtype=np.int64).reshape(
+                len(states), len(self._last)
             ),
-            [[s.distinct[d.index] for s in present] for d in self._distinct],
-            np.array([s.last for s in present], dtype=np.int64).reshape(len(rows), len(self._last)),
+        )
+
+    def empty_columns(self, reads: int) -> StateColumns:
+        """No state for any of ``reads`` reads."""
+        return StateColumns(
+            np.zeros(reads, dtype=bool),
+            np.frombuffer(self._empty, dtype=np.float64)[None, :].repeat(reads, axis=0),
+            [[_NOTHING_SEEN] * reads for _ in self._distinct],
+            np.full((reads, len(self._last)), -1, dtype=np.int64),
         )
 
     def read_columns(self, states: StateColumns, times: np.ndarray) -> np.ndarray:
@@ -531,107 +688,42 @@ class Layout:
         or per distinct value: measured ~6 µs a 3-entity vector at a batch of 4,096 (replay),
         against ~125 µs with the tiles summed per state and distinct values counted in Python.
         """
-        out = self._defaults[None, :].repeat(states.reads, axis=0)
-        rows = states.rows
-        if not len(rows):
-            return out
-        t = times[rows]
-        mine = out if len(rows) == states.reads else out[rows]
-        if self._numeric:
-            self.fill_numeric(mine, self.window_stats(states.tiles, t))
-        if len(self._distinct_columns):
-            mine[:, self._distinct_columns] = self.distinct_counts(states.distinct, t)
-        for column, index, _, _ in self._since_last_reads:
-            mine[:, column] = self.since_last(column, states.last[:, index], t)
-        if mine is not out:
-            out[rows] = mine
+        out = self._defaults[None, :].repeat(len(times), axis=0)
+        self.read_plan.read(states.tiles, states.distinct, states.last, times, out)
+        if not states.present.all():
+            out[~states.present] = self._defaults
         return out
 
-    # The parts of :meth:`read_array`, also called by replay over its columnar states, so that
+    @property
+    def defaults(self) -> np.ndarray:
+        """Each feature's value for an entity with no state."""
+        return self._defaults
+
+    # The parts of :meth:`read_columns`, also called by replay over its columnar states, so that
     # each feature's value is computed by this code only.
 
     def window_stats(self, tiles: np.ndarray, t: np.ndarray) -> WindowStats:
-        """Count, sum, min and max of each numeric series over the window ending at ``t``.
-
-        ``tiles``: one row per read, ``len(self.empty_tiles)`` doubles (an :class:`EntityState`'s
-        tiles). Returns four arrays of shape (reads, series).
-        """
-        tiles = tiles.reshape(len(t), len(self._numeric), TILES, SLOT)
-        k = t[:, None] // self._tile_ms[None, :]  # each row's tile, per series
-        held = tiles[..., 0]
-        inside = (held > (k - TILES)[..., None]) & (held <= k[..., None])
-        weight = inside.astype(np.float64)  # a product and sum in one pass: ~3x np.where(...).sum()
-        count = np.einsum("nsk,nsk->ns", tiles[..., 1], weight)
-        total = np.einsum("nsk,nsk->ns", tiles[..., 2], weight)
-        # minima and maxima only of the series a feature reads them of (one of the card's five)
-        low = np.full(count.shape, _INF)
-        high = np.full(count.shape, -_INF)
-        if len(self._min_series):
-            at = self._min_series
-            low[:, at] = np.where(inside[:, at], tiles[..., 3][:, at], _INF).min(-1)
-        if len(self._max_series):
-            at = self._max_series
-            high[:, at] = np.where(inside[:, at], tiles[..., 4][:, at], -_INF).max(-1)
-        return WindowStats(count, total, low, high)
+        """Count, sum, min and max of each numeric series over the window ending at ``t`` (see
+        :meth:`ReadPlan.window_stats`; ``tiles``: ``len(self.empty_tiles)`` doubles a row)."""
+        return self.read_plan.window_stats(tiles, t)
 
     def fill_numeric(self, out: np.ndarray, stats: WindowStats) -> None:
-        """The count, sum, mean, min and max features from :meth:`window_stats`, into ``out``.
-
-        ``out``: one row per read of ``stats``; its other columns are left as they are.
-        """
-        count, total, low, high = stats
-        for agg, columns, series, defaults in self._numeric_by_agg:
-            c = count[:, series]
-            if agg == "count":
-                out[:, columns] = c
-                continue
-            if agg == "sum":
-                values = total[:, series]
-            elif agg == "mean":
-                values = total[:, series] / np.maximum(c, 1.0)
-            else:
-                values = (low if agg == "min" else high)[:, series]
-            out[:, columns] = np.where(c > 0, values, defaults)
-
-    def distinct_counts(self, sets: list[list[Mapping[str, int]]], t: np.ndarray) -> np.ndarray:
-        """Each read's distinct features as of ``t[read]`` (columns: ``self._distinct_columns``).
-
-        ``sets[index][read]``: the values of set ``index`` the read's entity has seen, with when.
-        One comparison per value and feature, for every set and read at once (a pass per set
-        cost its dozen numpy calls again: most of a small batch's time).
-        """
-        reads = len(t)
-        maps = [m for each in sets for m in each]  # set by set, read by read
-        sizes = [len(m) for m in maps]
-        last_seen = np.frombuffer(b"".join([_times_of(m) for m in maps]), dtype=np.int64)
-        owner = (np.arange(reads * len(sets)) % reads).repeat(sizes)
-        held_in = np.arange(len(sets)).repeat(reads).repeat(sizes)
-        inside = in_window(last_seen[:, None], t[owner][:, None], self._distinct_tile_ms[None, :])
-        inside &= held_in[:, None] == self._distinct_set[None, :]
-        features = len(self._distinct_columns)
-        cells = (owner[:, None] * features + np.arange(features))[inside]
-        counts = np.bincount(cells, minlength=reads * features).reshape(reads, features)
-        return saturated(counts.astype(np.float64))
+        """The count, sum, mean, min and max features from :meth:`window_stats`, into ``out``."""
+        self.read_plan.fill_numeric(out, stats)
 
     def since_last(self, column: int, last: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The since-last feature of ``column`` from each row's latest event time (-1: none)."""
         _, _, cap, default = self._since_last_by_column[column]
-        since = np.minimum(np.maximum(t - last, 0) / 1000.0, cap)
-        return np.where(last < 0, default, since)
+        return since_last(last, t, cap, default)
 
     def last_seen(self, states: StateColumns, feature: Feature, values: Sequence[str | None]) -> np.ndarray:
         """When each read's entity last saw ``values[read]`` of the distinct ``feature``'s field
         (int64; ``NEVER``: not seen, or no state, or no value)."""
-        seen = np.full(states.reads, NEVER, dtype=np.int64)
-        index = self.distinct_index(feature)
-        if not len(states.rows):
-            return seen
-        maps = states.distinct[index]
-        for row, m in zip(states.rows.tolist(), maps, strict=True):
-            value = values[row]
-            if value is not None:
-                seen[row] = m.get(value, NEVER)
-        return seen
+        maps = states.distinct[self.distinct_index(feature)]
+        return np.array(
+            [NEVER if v is None else m.get(v, NEVER) for m, v in zip(maps, values, strict=True)],
+            dtype=np.int64,
+        )
 
     def distinct_index(self, feature: Feature) -> int:
         """Where the values of the distinct ``feature`` are kept (``EntityState.distinct[index]``)."""
@@ -738,30 +830,33 @@ class Layout:
         """The states read by a batch, to read: read ``r`` reads ``blobs[which[r]]`` (-1: none).
 
         A blob many reads share (a busy merchant) is decoded once. Nothing is built per state
-        but its sets of distinct values: at a batch of 64 reads this took half the time of
-        decoding into :class:`EntityState` objects and reading those.
+        but its sets of distinct values.
         """
         fields = _unpacked(blobs)
-        rows = [r for r, w in enumerate(which) if w >= 0]
-        take = [which[r] for r in rows]
-        tiles = self._slots(fields).reshape(len(fields), len(self._empty))
-        last = np.array([f[4] for f in fields], dtype=np.int64).reshape(len(fields), len(self._last))
-        distinct = [[f[3][d.index] for f in fields] for d in self._distinct]
+        # one empty state after the blobs' states: the one a read of none (-1) finds
+        tiles = self._slots(fields, spare=1).reshape(len(fields) + 1, len(self._empty))
+        last = np.array([f[4] for f in fields] + [self._no_last], dtype=np.int64)
+        distinct = [[f[3][d.index] for f in fields] + [_NOTHING_SEEN] for d in self._distinct]
         for sets in distinct:
             for i, d in enumerate(sets):
                 if type(d) is list:
                     sets[i] = StoredValues(*d)
-        if take != list(range(len(fields))):  # a blob read twice, or one read by no row
-            tiles, last = tiles[take], last[take]
-            distinct = [[sets[i] for i in take] for sets in distinct]
-        return StateColumns(len(which), np.array(rows, dtype=np.intp), tiles, distinct, last)
+        which = list(which)
+        if which == list(range(len(fields))):  # each blob read once, in order: no copy
+            return StateColumns(
+                np.ones(len(which), dtype=bool), tiles[:-1], [d[:-1] for d in distinct], last[:-1]
+            )
+        return StateColumns(
+            np.array(which) >= 0, tiles[which], [[d[i] for i in which] for d in distinct], last[which]
+        )
 
-    def _slots(self, fields: list[list]) -> np.ndarray:
-        """The tiles of unpacked blobs, (blobs × slots, SLOT): the used slots of all put in place
-        by one numpy assignment (per blob, numpy calls cost ~15 µs; this, one copy)."""
+    def _slots(self, fields: list[list], spare: int = 0) -> np.ndarray:
+        """The tiles of unpacked blobs, (blobs × slots, SLOT), then ``spare`` empty states' tiles:
+        the used slots of all put in place by one numpy assignment (numpy calls per blob cost
+        ~15 µs; this, one copy)."""
         n_slots = len(self._empty) // SLOT
         empty = np.frombuffer(self._empty, dtype=np.float64)[None, :]
-        slots = empty.repeat(len(fields), axis=0).reshape(-1, SLOT)
+        slots = empty.repeat(len(fields) + spare, axis=0).reshape(-1, SLOT)
         used = np.frombuffer(b"".join([f[1] for f in fields]), dtype=np.uint16).astype(np.intp)
         counts = [len(f[1]) // 2 for f in fields]
         used += (np.arange(len(fields), dtype=np.intp) * n_slots).repeat(counts)

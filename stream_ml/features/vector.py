@@ -12,7 +12,7 @@ import numpy as np
 
 from stream_ml.events.transaction import Transaction
 from stream_ml.features.definitions import ENTITIES, Feature, FeatureSet
-from stream_ml.features.state import EntityState, Layout, StateColumns, in_window, layouts
+from stream_ml.features.state import EntityState, Layout, ReadPlan, StateColumns, in_window, layouts
 
 _DAY_MS = 86_400_000
 _HOUR_MS = 3_600_000
@@ -33,6 +33,18 @@ class VectorBuilder:
             entity: np.array([column[f.name] for f in layout.features], dtype=np.intp)
             for entity, layout in self.layouts.items()
         }
+        # every entity type's stored features read in one pass (each pass is dozens of numpy calls)
+        self._read = ReadPlan.merged(
+            [
+                (
+                    layout.read_plan,
+                    self.columns[entity],
+                    len(layout.distinct_series()),
+                    len(layout.last_sources()),
+                )
+                for entity, layout in self.layouts.items()
+            ]
+        )
         self._request = [(column[rf.name], rf) for rf in feature_set.request_features]
         self._column = column
         # (name, layout, distinct feature, transaction field) of each is_new request feature
@@ -93,13 +105,20 @@ class VectorBuilder:
         if not txs:
             return out
         t = np.asarray(as_of, dtype=np.int64)
-        nothing = StateColumns.none(len(txs))
-        for entity, layout in self.layouts.items():
-            out[:, self.columns[entity]] = layout.read_columns(states.get(entity, nothing), t)
+        parts = {e: states.get(e) or layout.empty_columns(len(txs)) for e, layout in self.layouts.items()}
+        self._read.read(
+            np.concatenate([p.tiles for p in parts.values()], axis=1),
+            [values for p in parts.values() for values in p.distinct],
+            np.concatenate([p.last for p in parts.values()], axis=1),
+            t,
+            out,
+        )
+        for entity, p in parts.items():
+            if not p.present.all():  # an entity with no state reads as its features' defaults
+                absent = np.flatnonzero(~p.present)
+                out[absent[:, None], self.columns[entity]] = self.layouts[entity].defaults
         last_seen = {
-            name: layout.last_seen(
-                states.get(layout.entity, nothing), feature, [getattr(tx, field) for tx in txs]
-            )
+            name: layout.last_seen(parts[layout.entity], feature, [getattr(tx, field) for tx in txs])
             for name, layout, feature, field in self.novelty
         }
         self.fill_request(
