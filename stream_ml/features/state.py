@@ -341,12 +341,11 @@ class ReadPlan:
         # (value, feature) pairs: each value with each feature counting its set (a terminal's
         # thousand cards are compared with one window, not with every distinct feature's)
         per_set = np.bincount(counted, minlength=len(sets))
+        by_set = np.argsort(counted, kind="stable")  # the features, set by set
         reps = per_set[held_in]
         value = np.arange(len(held_in)).repeat(reps)
-        nth = np.arange(len(value)) - (np.cumsum(reps) - reps).repeat(reps)  # the pair's rank in its value's
-        feature = np.argsort(counted, kind="stable")[
-            ((np.cumsum(per_set) - per_set)[held_in]).repeat(reps) + nth
-        ]
+        nth = np.arange(len(value)) - (np.cumsum(reps) - reps).repeat(reps)  # among its value's pairs
+        feature = by_set[(np.cumsum(per_set) - per_set)[held_in].repeat(reps) + nth]
         start, end = window_bounds(t[:, None], tile_ms[None, :])  # per read and feature, not per value
         row, seen = owner[value], last_seen[value]
         inside = (seen >= start[row, feature]) & (seen < end[row, feature])
@@ -657,9 +656,9 @@ class Layout:
 
     def read_array(self, states: Sequence[EntityState | None], times: Sequence[int]) -> np.ndarray:
         """:meth:`read_many` as a float64 array (rows: states, columns: ``self.features``)."""
-        return self.read_columns(self.columns(states), np.asarray(times, dtype=np.int64))
+        return self.read_columns(self.state_columns(states), np.asarray(times, dtype=np.int64))
 
-    def columns(self, states: Sequence[EntityState | None]) -> StateColumns:
+    def state_columns(self, states: Sequence[EntityState | None]) -> StateColumns:
         """``states`` (None: no state) side by side, for :meth:`read_columns`."""
         return StateColumns(
             np.array([s is not None for s in states], dtype=bool),

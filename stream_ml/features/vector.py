@@ -86,9 +86,8 @@ class VectorBuilder:
         as_of: Sequence[int],
     ) -> np.ndarray:
         """:meth:`build_many` as a float64 array: each feature is computed for the whole batch at once."""
-        return self.build_columns(
-            {e: layout.columns([s.get(e) for s in states]) for e, layout in self.layouts.items()}, txs, as_of
-        )
+        columns = {e: layout.state_columns([s.get(e) for s in states]) for e, layout in self.layouts.items()}
+        return self.build_columns(columns, txs, as_of)
 
     def build_columns(
         self,
@@ -96,8 +95,8 @@ class VectorBuilder:
         txs: Sequence[Transaction],
         as_of: Sequence[int],
     ) -> np.ndarray:
-        """:meth:`build_array` from the states by entity type, side by side (``Layout.columns``,
-        or as the store reads them: ``FeatureStore.load_columns``).
+        """:meth:`build_array` from the states by entity type, side by side
+        (``Layout.state_columns``, or as the store reads them: ``FeatureStore.load_columns``).
 
         An entity type missing from ``states`` reads as no state for every row (a degraded score).
         """
