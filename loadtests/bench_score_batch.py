@@ -26,9 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -83,16 +81,9 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     import load_score
 
-    from stream_ml.config import Settings
     from stream_ml.stack import local, redis_url
-    from stream_ml.stack.processes import free_port
 
-    settings = replace(
-        Settings.from_env({}),
-        state_dir=Path(tempfile.mkdtemp(prefix="stream-ml-bench-")),
-        kafka_port=free_port(),
-        redis_port=free_port(),
-    )
+    settings = load_score.stack_settings("stream-ml-bench-")
     local.up(settings)
     trees = {"this tree": HERE.parent.parent} | ({"other": args.against.resolve()} if args.against else {})
     workers = {}

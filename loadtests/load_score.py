@@ -283,12 +283,7 @@ def main() -> None:
     parser.add_argument("--start", type=float, default=500.0, help="first rate of the capacity search")
     args = parser.parse_args()
 
-    settings = replace(
-        Settings.from_env({}),
-        state_dir=Path(tempfile.mkdtemp(prefix="stream-ml-load-")),
-        kafka_port=free_port(),
-        redis_port=free_port(),
-    )
+    settings = stack_settings("stream-ml-load-")
     local.up(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env |= {"STREAM_ML_STATE_DIR": str(settings.state_dir), "STREAM_ML_API_KEYS": KEY}
@@ -410,6 +405,16 @@ def _report(
     print(
         f"    that rate is {2 * cap / max(found['no-op'][0], 1):.0%} of the no-op's capacity "
         f"({found['no-op'][0]:,.0f}/s, the box's ceiling)"
+    )
+
+
+def stack_settings(prefix: str) -> Settings:
+    """Settings of an embedded stack of the bench's own: a fresh state folder, free ports."""
+    return replace(
+        Settings.from_env({}),
+        state_dir=Path(tempfile.mkdtemp(prefix=prefix)),
+        kafka_port=free_port(),
+        redis_port=free_port(),
     )
 
 

@@ -687,6 +687,7 @@ class Layout:
         or per distinct value: measured ~6 µs a 3-entity vector at a batch of 4,096 (replay),
         against ~125 µs with the tiles summed per state and distinct values counted in Python.
         """
+        # ndarray.repeat, not np.tile: the wrapper costs ~5 µs, a batch of one call pays it in full
         out = self._defaults[None, :].repeat(len(times), axis=0)
         self.read_plan.read(states.tiles, states.distinct, states.last, times, out)
         if not states.present.all():
