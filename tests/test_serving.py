@@ -519,3 +519,55 @@ def test_scoring_from_the_built_array_is_scoring_from_the_vectors():
     vectors = builder.build_many([{}] * len(txs), txs, [tx.event_time for tx in txs])
     assert inputs.tolist() == vectors
     assert model.score(vectors, inputs) == model.score(vectors)
+
+
+def test_workers_share_the_port_the_rate_limit_and_the_metrics(store_url: str):
+    import http.client
+
+    s = Server(store_url, "--workers", "2", "--rate-limit", "10", "--deadline-ms", "2000")
+    try:
+        # A connection stays with the worker that accepted it: one kept open to each.
+        conns: dict[int, http.client.HTTPConnection] = {}
+        for _ in range(200):
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+            conn.request("GET", "/readyz")
+            answer = conn.getresponse()
+            worker = json.loads(answer.read())["worker"]
+            if answer.status == 200 and worker not in conns:
+                conns[worker] = conn
+            else:
+                conn.close()
+            if len(conns) == 2:
+                break
+        assert sorted(conns) == [0, 1], "the kernel gave every connection to one worker"
+        body = json.dumps(TX).encode()
+        headers = {"Content-Type": "application/json", "X-API-Key": KEY}
+        statuses = []
+        started = time.monotonic()
+        for i in range(40):  # alternately through each worker
+            conn = conns[i % 2]
+            conn.request("POST", "/score", body, headers)
+            answer = conn.getresponse()
+            answer.read()
+            statuses.append(answer.status)
+        elapsed = time.monotonic() - started
+        scored, limited = statuses.count(200), statuses.count(429)
+        assert scored + limited == 40
+        # One bucket of 10 a second for the key, not one per worker (that would let ~20 through).
+        assert 10 <= scored <= 10 + 10 * elapsed + 1, (scored, elapsed)
+
+        # /metrics, from either worker, counts the answers of both.
+        conns[0].request("GET", "/metrics")
+        text = conns[0].getresponse().read().decode()
+        prefix = 'stream_ml_score_responses_total{endpoint="score",status="'
+        counted = {
+            line[len(prefix) : line.index('"', len(prefix))]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+        assert counted == {"200": scored, "429": limited}
+        for conn in conns.values():
+            conn.close()
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0

@@ -31,7 +31,7 @@ import msgpack
 import redis
 import redis.asyncio as aioredis
 import torch
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -48,6 +48,7 @@ from stream_ml.features.vector import VectorBuilder
 from stream_ml.registry import Registry
 from stream_ml.serving import http, metrics
 from stream_ml.serving.batcher import DeadlineExceeded, MicroBatcher, Overloaded
+from stream_ml.serving.limits import ANONYMOUS, RateLimiter
 from stream_ml.serving.model import ScoringModel, default_model, load_model
 from stream_ml.serving.options import ServeOptions
 from stream_ml.serving.predictions import PredictionSink
@@ -55,7 +56,10 @@ from stream_ml.serving.predictions import PredictionSink
 log = logging.getLogger(__name__)
 
 MODEL_INFO = Gauge(
-    "stream_ml_model_info", "The model version served per stage (value 1).", ["stage", "version"]
+    "stream_ml_model_info",
+    "The model version served per stage (value 1; 0: served before, by no worker now).",
+    ["stage", "version"],
+    multiprocess_mode="livemax",  # serve --workers: 1 while any worker serves it
 )
 MODEL_SWAPS = Counter("stream_ml_model_swaps_total", "Models swapped in from the registry.", ["stage"])
 MODEL_LOAD_FAILURES = Counter(
@@ -251,9 +255,10 @@ class Scorer:
             self._set_prior(timings)
         else:
             self.shadow = model
-        if old is not None:
-            with contextlib.suppress(KeyError):
-                MODEL_INFO.remove(stage, old.version)
+        if old is not None and old.version != model.version:
+            # Set to 0 first: with several workers, the removed series would stay as it was.
+            MODEL_INFO.labels(stage, old.version).set(0)
+            MODEL_INFO.remove(stage, old.version)
         MODEL_INFO.labels(stage, model.version).set(1)
         MODEL_SWAPS.labels(stage).inc()
         # No collection (it would stall answers): the new model's objects join the frozen ones.
@@ -341,30 +346,17 @@ class Scorer:
         return scored
 
 
-class RateLimiter:
-    """A token bucket per API key: ``rate`` a second, bursts up to one second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, key: str) -> float:
-        """0 if allowed, else the seconds until a token is free."""
-        now = time.monotonic()
-        tokens, then = self._buckets.get(key, (self.rate, now))
-        tokens = min(self.rate, tokens + (now - then) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
-
-
-def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
+def create_app(
+    scorer: Scorer, limiter: RateLimiter | None = None, worker: int = 0
+) -> tuple[ASGIApp, http.Route]:
     """The scorer's ASGI app, and the route that takes ``POST /score`` calls at the connection
-    (``http.protocol(route)``); served without the route, the app answers them itself."""
+    (``http.protocol(route)``); served without the route, the app answers them itself.
+
+    ``limiter``: the rate limit shared with other workers (``serve --workers``); by default one
+    of this app's own. ``worker``: this process's number among them, which ``/readyz`` tells.
+    """
     options = scorer.options
-    limiter = RateLimiter(options.rate_per_key)
+    limiter = limiter or RateLimiter(options.rate_per_key, options.api_keys)
     children: dict[tuple[str, ...], Any] = {}  # each label set's metric, looked up once
 
     def count(metric: Any, *labels: str) -> None:
@@ -377,7 +369,7 @@ def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
 
     def authenticate(headers: Headers) -> str:
         if not options.auth:
-            return "anonymous"
+            return ANONYMOUS
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
         # compare with every key, always: the time taken tells nothing about which matched
         matched = [hmac.compare_digest(given.encode(), k) for k in keys]
@@ -614,11 +606,12 @@ def create_app(scorer: Scorer) -> tuple[ASGIApp, http.Route]:
                 "status": "ready",
                 "model_version": scorer.model.version,
                 "feature_set": scorer.model.feature_set,
+                "worker": worker,
             }
         )
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
         return _JSONResponse(_openapi(scorer.builder.names))

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+from typing import TYPE_CHECKING
 
 from stream_ml.config import Settings, add_arguments, env_name
 from stream_ml.features import feature_set
 from stream_ml.serving.options import ServeOptions
 from stream_ml.stack import NotConfigured, kafka_bootstrap, redis_url
+
+if TYPE_CHECKING:
+    from stream_ml.serving.limits import RateLimiter
 
 log = logging.getLogger("stream_ml.serve")
 
@@ -66,6 +71,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--allow-feature-set-mismatch",
         action="store_true",
         help="serve registry models trained on another feature set (same number of inputs only)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="scorer processes on the port (default 1; about one per core: each has its own batcher "
+        "and model, the rate limit and /metrics are shared)",
     )
     _add_torch_threads(serve, d)
     add_arguments(serve)
@@ -142,13 +154,8 @@ def _stream(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
-    from stream_ml.registry import Registry
-    from stream_ml.serving.app import Scorer, create_app
-    from stream_ml.serving.http import protocol
-    from stream_ml.serving.model import production_model
-    from stream_ml.serving.predictions import PredictionLog
+    from stream_ml.serving import workers
+    from stream_ml.serving.limits import RateLimiter
 
     keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
     if not keys and not args.no_auth:
@@ -173,6 +180,42 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.model_poll_s <= 0:
         raise ValueError(f"--model-poll-s must be above 0, got {args.model_poll_s}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.workers > 1:
+        fmt = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    sock = workers.listen(args.host, args.port)
+    limiter = RateLimiter(options.rate_per_key, options.api_keys)  # before the fork: one for all
+
+    def serve(worker: int) -> None:
+        _serve_one(sock, args, settings, options, limiter, worker)
+
+    if args.workers == 1:
+        serve(0)
+        return 0
+    with workers.shared_metrics():
+        return workers.supervise(args.workers, serve)
+
+
+def _serve_one(
+    sock: socket.socket,
+    args: argparse.Namespace,
+    settings: Settings,
+    options: ServeOptions,
+    limiter: RateLimiter,
+    worker: int,
+) -> None:
+    """One scorer process, on the socket ``_serve`` opened: loads the model, then serves."""
+    import uvicorn
+
+    from stream_ml.registry import Registry
+    from stream_ml.serving.app import Scorer, create_app
+    from stream_ml.serving.http import protocol
+    from stream_ml.serving.model import production_model
+    from stream_ml.serving.predictions import PredictionLog
+
     fs = feature_set(settings.feature_set)
     registry = Registry(settings.registry_path())
     model = production_model(registry, fs, allow_feature_set_mismatch=args.allow_feature_set_mismatch)
@@ -184,7 +227,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log.warning("no prediction log: %s", exc)
         predictions = None
     scorer = Scorer(fs, redis_url(settings), options, model=model, predictions=predictions, registry=registry)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info(
         "scoring on http://%s:%d with model %s on %s (registry %s)",
         args.host,
@@ -193,8 +235,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         scorer.model.device,
         registry.root,
     )
-    app, route = create_app(scorer)
-    uvicorn.run(
+    app, route = create_app(scorer, limiter, worker)
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -203,4 +245,5 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level="warning",
         access_log=False,
     )
-    return 0
+    # uvicorn starts to listen once the lifespan (the warm-up) is done: calls are refused until then
+    uvicorn.Server(config).run(sockets=[sock])

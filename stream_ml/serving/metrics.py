@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
@@ -31,6 +34,16 @@ RESPONSES = Counter(
 DEGRADED = Counter(
     "stream_ml_score_degraded_total", "Transactions scored without stored features (store slow or down)."
 )
+
+
+def exposition() -> bytes:
+    """``/metrics``: this process's metrics, or every worker's added up (``serve --workers``,
+    where prometheus_client keeps them in files in ``PROMETHEUS_MULTIPROC_DIR``)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)
 
 
 def observe_batch(size: int, queue_wait_s: float, run_s: float) -> None:
