@@ -2,9 +2,11 @@
 
     python loadtests/load_score.py                      # the report below (about 4 minutes)
     python loadtests/load_score.py --rates 1000,2000    # only these rates, scorer beside no-op
+    python loadtests/load_score.py --workers 2          # each server with two scorer processes
 
-Starts its own embedded stack and two scorer processes (`stream-ml serve`, one of them with
-``--max-batch 1``), fills the store with the features of a synthetic stream, then sends calls at
+Starts its own embedded stack and two scorer servers (`stream-ml serve`, one of them with
+``--max-batch 1``; both with ``--workers``, so the no-op and batch-size-1 references run as the
+scorer does), fills the store with the features of a synthetic stream, then sends calls at
 Poisson arrival times over keep-alive connections. A call's latency runs from the moment it was
 *scheduled*, so a stalled server shows up in the figures instead of slowing the generator (no
 coordinated omission).
@@ -281,6 +283,9 @@ def main() -> None:
     parser.add_argument("--rates", help="only these rates (calls/s, comma-separated): scorer beside no-op")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each rate's run")
     parser.add_argument("--start", type=float, default=500.0, help="first rate of the capacity search")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="scorer processes of each server (`serve --workers`)"
+    )
     args = parser.parse_args()
 
     settings = stack_settings("stream-ml-load-")
@@ -291,6 +296,7 @@ def main() -> None:
     servers = [
         subprocess.Popen(
             [sys.executable, "-m", "stream_ml", "serve", "--port", str(port), "--rate-limit", "1000000"]
+            + ["--workers", str(args.workers)]
             + (["--max-batch", "1"] if name == "batch 1" else []),
             env=env,
             cwd=REPO,
@@ -311,7 +317,7 @@ def main() -> None:
         score = [_request("POST", "/score", json.dumps(t.to_dict()).encode()) for t in txs]
         noop = [_request("GET", "/healthz")]
         for port in ports.values():
-            _wait_ready(port)
+            _wait_ready(port, args.workers)
         port = ports["batched"]
         measure(port, 500, 2, score)  # warm: connections, caches, the cost model
         if args.rates:
@@ -464,17 +470,22 @@ def _fill_store(settings: Settings) -> None:
     asyncio.run(write())
 
 
-def _wait_ready(port: int) -> None:
+def _wait_ready(port: int, workers: int = 1) -> None:
+    """Until every worker answers ``/readyz``: the connections opened for a run stay with the
+    workers that accepted them, so one still warming up would get none of the load."""
     import urllib.request
 
-    deadline = time.monotonic() + 60
+    ready: set[int] = set()
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+                ready.add(json.loads(answer.read())["worker"])
+            if len(ready) == workers:
                 return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError("the scorer did not become ready")
+    raise RuntimeError(f"the scorer did not become ready ({len(ready)} of {workers} workers)")
 
 
 if __name__ == "__main__":
