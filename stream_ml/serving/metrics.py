@@ -7,6 +7,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from stream_ml.serving.workers import METRICS_DIR
+
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 REQUEST_SECONDS = Histogram(
@@ -39,7 +41,7 @@ DEGRADED = Counter(
 def exposition() -> bytes:
     """``/metrics``: this process's metrics, or every worker's added up (``serve --workers``,
     where prometheus_client keeps them in files in ``PROMETHEUS_MULTIPROC_DIR``)."""
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if METRICS_DIR not in os.environ:
         return generate_latest()
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
