@@ -184,3 +184,46 @@ def test_a_caller_gone_before_its_answer_leaves_the_server_serving() -> None:
     # hung up with the answer still due (in 0.05 s): it is dropped, and the server serves on
     answers, seen = _exchange((later, 0), (None, 0), (later, 1))
     assert len(answers) == 1 and answers[0].endswith(b"took x") and seen == []
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy_one_stays_open() -> None:
+    """One timer per connection (not one per answer): calls closer together than the timeout keep
+    the connection open past it; then, idle for the timeout, it is closed. An answer carries the
+    server's default headers as they are when it is sent (uvicorn replaces them each second)."""
+    later = b"POST /later HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx"
+
+    async def scenario() -> tuple[list[bytes], bytes, float]:
+        config = uvicorn.Config(
+            lambda scope, receive, send: None,
+            http=protocol(_route),
+            lifespan="off",
+            log_level="warning",
+            timeout_keep_alive=0.3,  # type: ignore[arg-type]  # seconds; a float works as well
+        )
+        config.load()
+        state = ServerState()
+        state.default_headers = [(b"server", b"test")]
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
+            "127.0.0.1",
+            0,
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        got: list[bytes] = []
+        for pause in (0.2, 0.2, 0.2, 0.0):  # 0.6 s in all, never 0.3 s idle
+            writer.write(later)
+            got += await _answers(reader, 1)
+            state.default_headers = [(b"server", b"test"), (b"date", str(len(got)).encode())]
+            await asyncio.sleep(pause)
+        idle_from = loop.time()
+        closed = await asyncio.wait_for(reader.read(1), 2)
+        idle = loop.time() - idle_from
+        writer.close()
+        server.close()
+        return got, closed, idle
+
+    got, closed, idle = uvloop.run(scenario())
+    assert [a.endswith(b"took x") for a in got] == [True] * 4
+    assert b"\r\ndate:" not in got[0] and b"\r\ndate: 1\r\n" in got[1] and b"\r\ndate: 3\r\n" in got[3]
+    assert closed == b"" and 0.2 < idle < 1.0  # closed by the server, 0.3 s after its last answer

@@ -506,6 +506,47 @@ def test_answers_are_encoded_as_starlette_encodes_them():
     assert sent[1]["body"] == response.body
 
 
+def test_a_scored_answer_is_the_json_of_its_fields_and_headers_read_as_starlette_reads_them():
+    from starlette.datastructures import Headers
+
+    from stream_ml.serving.app import Scored, _answer, _headers, _JSONResponse
+
+    tx = Transaction('é-"1"\n', T, "c", "m", 1.0, "EUR", "FR", "pos", None)
+    for degraded, score, reasons in [
+        (False, 0.1234567890123, [("amount", 1e-300), ("x", 3.0)]),
+        (True, 1.0, []),
+    ]:
+        body = _answer(tx, Scored(score, "approve", reasons, "v/1", degraded), time.monotonic())
+        answer = json.loads(body)
+        assert answer["latency_ms"] >= 0
+        expected = {
+            "event_id": tx.event_id,
+            "score": score,
+            "decision": "approve",
+            "model_version": "v/1",
+            "reasons": [{"feature": name, "value": value} for name, value in reasons],
+            "features_as_of": T,
+            "degraded": degraded,
+            "latency_ms": answer["latency_ms"],
+        }
+        assert body == _JSONResponse(expected).body  # the very bytes the encoder makes
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError):
+            _answer(tx, Scored(bad, "approve", [], "v", False), time.monotonic())
+        with pytest.raises(ValueError):
+            _answer(tx, Scored(0.5, "approve", [("amount", bad)], "v", False), time.monotonic())
+
+    raw = [
+        (b"x-api-key", b"first"),
+        (b"x-api-key", b"second"),
+        (b"content-type", b"caf\xe9"),
+        (b"host", b"h"),
+    ]
+    headers = _headers(raw)
+    for name in ("x-api-key", "content-type", "content-length", "authorization", "x-deadline-ms"):
+        assert headers.get(name) == Headers(raw=raw).get(name)
+
+
 def test_scoring_from_the_built_array_is_scoring_from_the_vectors():
     builder = VectorBuilder(FRAUD_FEATURES)
     model = default_model(FRAUD_FEATURES)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 RawHeaders = list[tuple[bytes, bytes]]  # as ASGI carries them: lower-case names, latin-1 values
 Answer = tuple[int, RawHeaders, bytes]  # status, headers (content-length included), body
@@ -107,8 +108,8 @@ class _Taken:
         transport = protocol.transport
         if transport.is_closing():
             return  # the caller has gone: nobody to answer
-        content = [STATUS_LINE[status]]
-        for name, value in [*protocol.server_state.default_headers, *headers]:
+        content = [STATUS_LINE[status], _server_headers(protocol.server_state)]
+        for name, value in headers:
             content += [name, b": ", value, b"\r\n"]
         if not self.keep_alive:
             content.append(b"connection: close\r\n")
@@ -117,6 +118,20 @@ class _Taken:
         if not self.keep_alive:
             transport.close()
         protocol.on_response_complete()  # as an ASGI cycle's last send: keep-alive timer, next call
+
+
+_joined: tuple[object, bytes] = (None, b"")  # uvicorn's default headers, and them as they go out
+
+
+def _server_headers(state: ServerState) -> bytes:
+    """The headers uvicorn adds to every answer (date, server), joined once for all the answers
+    until uvicorn replaces them (each second, for the date)."""
+    global _joined
+    held, joined = _joined
+    if held is not state.default_headers:
+        joined = b"".join([name + b": " + value + b"\r\n" for name, value in state.default_headers])
+        _joined = (state.default_headers, joined)
+    return joined
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -138,6 +153,38 @@ class HttpProtocol(HttpToolsProtocol):
                     cycle.reply(*taken)  # type: ignore[misc]
                 return
         super().on_headers_complete()
+
+    # uvicorn arms a keep-alive timer as each answer ends and cancels it when the next call comes:
+    # two timer operations a call. Here a connection's timer is armed once, and when it fires it
+    # closes the connection only if no call came since the last answer; if one did, it fires again
+    # when the connection will have been idle for the timeout.
+    _idle_from: float | None = None  # the loop's time at the last answer; None while a call is in
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_from = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_from = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_from is None:
+            return  # a call is in: its answer arms the timer again
+        left = self._idle_from + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._idle_timeout)
+        else:
+            self.timeout_keep_alive_handler()
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
