@@ -188,6 +188,8 @@ def test_bad_input_gets_a_clear_4xx(server: Server):
     assert (status, answer["error"]) == (422, "field amount: expected number, got 'abc'")
     status, answer, _ = server.request("/score", b"{not json", {"X-API-Key": KEY})
     assert status == 400 and "not valid JSON" in answer["error"]
+    status, answer, _ = server.request("/score", '{"amount": "é"}'.encode("latin-1"), {"X-API-Key": KEY})
+    assert status == 400 and "not valid JSON" in answer["error"] and "utf-8" in answer["error"]
     status, answer, _ = server.request("/score", b"x" * 70_000, {"X-API-Key": KEY})
     assert status == 413
 

@@ -411,7 +411,8 @@ def create_app(
         msgpack_body = kind in ("application/msgpack", "application/x-msgpack")
         try:
             # Anything but msgpack is read as JSON: `curl -d` sends JSON labelled as a form.
-            return msgpack.unpackb(body, raw=False) if msgpack_body else json.loads(body)
+            # JSON as UTF-8 (RFC 8259), decoded here: json.loads would first guess the encoding
+            return msgpack.unpackb(body, raw=False) if msgpack_body else _decode_json(body.decode())
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             what = "msgpack" if msgpack_body else "JSON (or send Content-Type: application/msgpack)"
             raise HTTPError(400, f"body is not valid {what}: {exc}") from None
@@ -647,6 +648,7 @@ async def _send_json(send: Send, status: int, content: Any, headers: dict[str, s
     await send({"type": "http.response.body", "body": body})
 
 
+_decode_json = json.JSONDecoder().decode
 _JSON_TYPE = (b"content-type", b"application/json")
 _quote = json.encoder.encode_basestring  # a str as JSON, as the encoder writes it (ensure_ascii off)
 

@@ -143,6 +143,12 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_WritesPerTurn(transport, self.loop))  # type: ignore[arg-type]
 
+    def on_message_begin(self) -> None:
+        # uvicorn makes each call's ASGI scope here: only the calls the route does not take need one
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
     def on_headers_complete(self) -> None:
         if self.route is not None and self._may_take():
             taken = self.route(self.parser.get_method(), self.url, self.headers)
@@ -152,6 +158,10 @@ class HttpProtocol(HttpToolsProtocol):
                 if on_body is None:
                     cycle.reply(*taken)  # type: ignore[misc]
                 return
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()  # the scope, as uvicorn makes it; then what its parse gathered
+        self.url, self.headers, self.expect_100_continue = url, headers, expect_100_continue
+        self.scope["headers"] = headers
         super().on_headers_complete()
 
     # uvicorn arms a keep-alive timer as each answer ends and cancels it when the next call comes:

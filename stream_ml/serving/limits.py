@@ -25,7 +25,8 @@ class RateLimiter:
         self.rate = rate
         self._slot = {key: 2 * i for i, key in enumerate(dict.fromkeys([*keys, ANONYMOUS]))}
         now = time.monotonic()  # the same clock in every process of the machine
-        self._buckets = multiprocessing.RawArray("d", [rate, now] * len(self._slot))  # tokens, when
+        shared = multiprocessing.RawArray("d", [rate, now] * len(self._slot))  # tokens, when
+        self._buckets = memoryview(shared).cast("B").cast("d")  # an item in ~30 ns, a ctypes one ~100
         self._lock = multiprocessing.Lock()
 
     def allow(self, key: str) -> float:
@@ -33,7 +34,8 @@ class RateLimiter:
         start has no bucket: the caller authenticates first)."""
         i = self._slot[key]
         buckets = self._buckets
-        with self._lock:
+        self._lock.acquire()  # not `with`: the lock's __exit__ is a Python call, its release is not
+        try:
             now = time.monotonic()
             tokens = min(self.rate, buckets[i] + (now - buckets[i + 1]) * self.rate)
             buckets[i + 1] = now
@@ -41,4 +43,6 @@ class RateLimiter:
                 buckets[i] = tokens - 1.0
                 return 0.0
             buckets[i] = tokens
+        finally:
+            self._lock.release()
         return (1.0 - tokens) / self.rate
