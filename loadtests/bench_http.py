@@ -142,6 +142,9 @@ def _worker() -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from bench_score_batch import close, lockstep
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,21 +166,11 @@ def main() -> None:
         )
         for name, tree in trees.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in trees}
+    turn = str(CALLS_PER_TURN // CONNECTIONS)
     try:
-        for round_ in range(args.rounds + 1):  # round 0 warms both up, uncounted
-            order = list(workers.items()) if round_ % 2 else list(workers.items())[::-1]
-            for name, worker in order:
-                worker.stdin.write(f"{CALLS_PER_TURN // CONNECTIONS}\n")  # type: ignore[union-attr]
-                worker.stdin.flush()  # type: ignore[union-attr]
-                figure = float(worker.stdout.readline())  # type: ignore[union-attr]
-                if round_:
-                    times[name].append(figure)
+        times = {name: figures for (name, _), figures in lockstep(workers, args.rounds, [turn]).items()}
     finally:
-        for worker in workers.values():
-            worker.stdin.write("\n")  # type: ignore[union-attr]
-            worker.stdin.flush()  # type: ignore[union-attr]
-            worker.wait(30)
+        close(workers)
     mine = times["this tree"]
     print(f"this tree: {statistics.median(mine):.1f} µs a call (median of {len(mine)} rounds)")
     if args.against:

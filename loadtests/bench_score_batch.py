@@ -98,23 +98,39 @@ def main() -> None:
                 text=True,
             )
         sizes = [int(s) for s in args.sizes.split(",")]
-        times: dict[tuple[str, int], list[float]] = {(name, size): [] for name in trees for size in sizes}
-        for round_ in range(args.rounds + 1):  # round 0 warms both up, uncounted
-            for size in sizes:
-                order = list(workers.items()) if round_ % 2 else list(workers.items())[::-1]
-                for name, worker in order:
-                    worker.stdin.write(f"{size} {max(CALLS_PER_TURN, size * 10)}\n")  # type: ignore[union-attr]
-                    worker.stdin.flush()  # type: ignore[union-attr]
-                    figure = float(worker.stdout.readline())  # type: ignore[union-attr]
-                    if round_:
-                        times[(name, size)].append(figure)
+        turns = {size: f"{size} {max(CALLS_PER_TURN, size * 10)}" for size in sizes}
+        figures = lockstep(workers, args.rounds, list(turns.values()))
+        times = {(name, size): figures[(name, turn)] for name in trees for size, turn in turns.items()}
         _report(sizes, times, args.against)
     finally:
-        for worker in workers.values():
-            worker.stdin.write("\n")  # type: ignore[union-attr]
-            worker.stdin.flush()  # type: ignore[union-attr]
-            worker.wait(30)
+        close(workers)
         local.down(settings)
+
+
+def lockstep(
+    workers: dict[str, subprocess.Popen], rounds: int, turns: list[str]
+) -> dict[tuple[str, str], list[float]]:
+    """Each turn's line to each worker, round after round, the workers' order alternating; the
+    figure each worker answered, by (worker, turn). Round 0 warms them up, uncounted."""
+    times: dict[tuple[str, str], list[float]] = {(name, turn): [] for name in workers for turn in turns}
+    for round_ in range(rounds + 1):
+        for turn in turns:
+            order = list(workers.items()) if round_ % 2 else list(workers.items())[::-1]
+            for name, worker in order:
+                worker.stdin.write(turn + "\n")  # type: ignore[union-attr]
+                worker.stdin.flush()  # type: ignore[union-attr]
+                figure = float(worker.stdout.readline())  # type: ignore[union-attr]
+                if round_:
+                    times[(name, turn)].append(figure)
+    return times
+
+
+def close(workers: dict[str, subprocess.Popen]) -> None:
+    """An empty line ends each worker's turns; wait for them to stop."""
+    for worker in workers.values():
+        worker.stdin.write("\n")  # type: ignore[union-attr]
+        worker.stdin.flush()  # type: ignore[union-attr]
+        worker.wait(30)
 
 
 def _report(sizes: list[int], times: dict[tuple[str, int], list[float]], against: Path | None) -> None:
