@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import uvloop
+
 HERE = Path(__file__).resolve()
 CALLS_PER_TURN = 600
 
@@ -62,7 +64,7 @@ def _worker(redis: str) -> None:
             print((time.perf_counter() - started) / (batches * size) * 1e6, flush=True)
         await scorer.stop()
 
-    asyncio.run(serve())
+    uvloop.run(serve())  # as `stream-ml serve` runs
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import hiredis
 import msgpack
@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from stream_ml.features.definitions import FeatureSet
 from stream_ml.features.state import STATE_FORMAT, EntityState, Layout, StateColumns, layouts
+from stream_ml.features.wire import Wire, raise_errors
 
 EntityKey = tuple[str, str]  # (entity type, id)
 SCRIPT_KEYS = 500  # keys set by one script: ~2 ms of Redis, which serves no other client meanwhile
@@ -70,6 +71,7 @@ class FeatureStore:
         self._event_prefix = f"{namespace}:ev:"
         self.ttl_ms = feature_set.longest_window_ms() + feature_set.allowed_lateness_s * 1000
         self.label_horizon_ms = label_horizon_s * 1000
+        self._wire_made: Wire | bool | None = False  # made at the first command (False: not yet)
 
     def key(self, entity: str, entity_id: str) -> str:
         return f"{self._prefix}{{{entity}:{entity_id}}}"
@@ -178,7 +180,25 @@ class FeatureStore:
         return {e: tuple(msgpack.unpackb(b)) for e, b in zip(event_ids, blobs, strict=True) if b is not None}
 
     async def _pipeline(self, commands: list[tuple]) -> list[object]:
-        """Commands in one round trip (packed by hiredis); the first error is raised once all are read."""
+        """Commands in one round trip; the first error reply is raised once all are read."""
+        wire = self._wire()
+        if wire is None:
+            return await self._pooled(commands)
+        return raise_errors(await wire.pipeline(commands))
+
+    async def _call(self, *args: str | bytes | int) -> object:
+        """One command: on the store's own connection (``wire.py``), or redis-py's over TLS."""
+        wire = self._wire()
+        return await (wire.call(*args) if wire is not None else self._pooled([args], one=True))
+
+    def _wire(self) -> Wire | None:
+        if self._wire_made is False:
+            self._wire_made = Wire.of(self.client)
+        return self._wire_made
+
+    async def _pooled(self, commands: list[tuple], one: bool = False) -> Any:
+        """:meth:`_pipeline` by a connection of redis-py's pool (commands packed by hiredis: redis-py's
+        own packing costs ~2 µs an argument); ``one``: the only command's reply."""
         pool = self.client.connection_pool
         conn = await pool.get_connection()
         try:
@@ -192,17 +212,7 @@ class FeatureStore:
                     error = error or exc
             if error is not None:
                 raise error
-            return replies
-        finally:
-            await pool.release(conn)
-
-    async def _call(self, *args: str | bytes | int) -> object:
-        """One command, packed by hiredis: redis-py's own packing costs ~2 µs per argument."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(hiredis.pack_command(args))
-            return await conn.read_response()
+            return replies[0] if one else replies
         finally:
             await pool.release(conn)
 
